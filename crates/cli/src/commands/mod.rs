@@ -1,0 +1,7 @@
+//! One module per subcommand: each has its `Args` and a `run` function.
+
+pub mod collectives;
+pub mod embed;
+pub mod generate;
+pub mod logits;
+pub mod plan;

@@ -1,0 +1,43 @@
+//! `mics`: the command line of the mics framework.
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+
+/// MiCS sharded data-parallel training on Burn.
+#[derive(Parser)]
+#[command(name = "mics", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every collective on the in-process engine and check the results.
+    Collectives(commands::collectives::Args),
+    /// Sentence embeddings (mean-pooled, L2-normalised) from a BERT checkpoint.
+    Embed(commands::embed::Args),
+    /// Logits of a token sequence (GPT-2: next token; BERT: masked LM).
+    Logits(commands::logits::Args),
+    /// Sample text from a GPT-2 checkpoint.
+    Generate(commands::generate::Args),
+    /// Predict memory and step time of DDP, ZeRO-2, ZeRO-3 and MiCS on a cluster.
+    Plan(commands::plan::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Collectives(args) => commands::collectives::run(args),
+        Command::Embed(args) => commands::embed::run(args),
+        Command::Logits(args) => commands::logits::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Plan(args) => commands::plan::run(args),
+    };
+    if let Err(err) = result {
+        // One line for the error and its causes, and a non-zero exit.
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

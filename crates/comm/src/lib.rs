@@ -1,0 +1,1 @@
+//! Collectives for MiCS (being written).

@@ -1,0 +1,1 @@
+//! Scale planner for MiCS (work in progress).

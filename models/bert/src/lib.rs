@@ -1,0 +1,1 @@
+//! BERT (work in progress).
