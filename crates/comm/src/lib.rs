@@ -36,6 +36,10 @@ mod buffer;
 mod communicator;
 mod error;
 mod groups;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod reduce;
 mod shard;
 mod stats;

@@ -1,0 +1,1 @@
+//! The NCCL engine (being written).
