@@ -90,10 +90,13 @@ impl<T: 'static> Work<T> {
         }
     }
 
-    /// Waits up to the communicator's timeout.
+    /// Waits for the engine's verdict. Engines fail a collective whose peers
+    /// do not arrive within the communicator's timeout, so this returns by
+    /// then; as a backstop against a broken engine it gives up after twice
+    /// that plus a second.
     pub fn wait(self) -> Result<T, CommError> {
-        let timeout = self.timeout;
-        self.wait_timeout(timeout)
+        let backstop = self.timeout * 2 + Duration::from_secs(1);
+        self.wait_timeout(backstop)
     }
 
     /// Waits up to `timeout`. On timeout the group is failed, so the other
