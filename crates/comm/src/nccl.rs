@@ -57,7 +57,9 @@
 //!   `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` (and `LOCAL_RANK` for
 //!   the device); rank 0 listens on `MASTER_PORT` and sends the 128-byte
 //!   `ncclUniqueId` to every other rank;
-//! - any other launcher (e.g. an MPI broadcast): rank 0 creates a
+//! - under `mpirun` (features `cuda` and `mpi`): [`NcclEngine`]`::from_mpi`
+//!   broadcasts the id over an MPI communicator;
+//! - any other launcher: rank 0 creates a
 //!   [`UniqueId`], the launcher sends its [`UniqueId::as_bytes`] to every
 //!   rank, and each calls [`NcclEngine::init_rank`].
 //!
@@ -591,6 +593,50 @@ impl NcclEngine {
             fetch_id(master, rank, world, self.timeout)?
         };
         self.init_rank(id, rank, world, device)
+    }
+}
+
+#[cfg(feature = "mpi")]
+impl NcclEngine {
+    /// Multi-process start through MPI (features `cuda` and `mpi`): rank 0 of
+    /// `comm` creates the unique id and broadcasts it over MPI; every rank of
+    /// `comm` then joins the NCCL communicator with the same rank and size,
+    /// on CUDA device `device` (e.g. `OMPI_COMM_WORLD_LOCAL_RANK`). MPI must
+    /// be initialised by the caller. Collective over `comm`: if rank 0 cannot
+    /// create the id, every rank gets an error instead of hanging.
+    pub fn from_mpi<C: ::mpi::traits::Communicator>(
+        &self,
+        comm: &C,
+        device: usize,
+    ) -> Result<NcclComm, CommError> {
+        use ::mpi::traits::Root;
+        let rank = comm.rank() as usize;
+        let size = comm.size() as usize;
+        let local = check_libraries(&ENGINE_LIBRARIES);
+        // 128 id bytes, then 1 if rank 0 created the id.
+        let mut message = [0u8; 129];
+        let mut root_error = None;
+        if rank == 0 {
+            match local.clone().and_then(|_| UniqueId::new()) {
+                Ok(id) => {
+                    message[..128].copy_from_slice(id.as_bytes());
+                    message[128] = 1;
+                }
+                Err(err) => root_error = Some(err),
+            }
+        }
+        comm.process_at_rank(0).broadcast_into(&mut message[..]);
+        if let Some(err) = root_error {
+            return Err(err);
+        }
+        local?;
+        if message[128] != 1 {
+            return Err(engine_error(
+                "rank 0 could not create the NCCL unique id (see its error)",
+            ));
+        }
+        let id: [u8; 128] = message[..128].try_into().expect("128 bytes");
+        self.init_rank(UniqueId(id), rank, size, device)
     }
 }
 
