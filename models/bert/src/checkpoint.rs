@@ -185,7 +185,7 @@ impl<B: Backend> BertModel<B> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| HubError::Io {
             path: dir.to_path_buf(),
-            source: e,
+            error: e,
         })?;
         let mut writer = CheckpointWriter::new(options.dtype);
         self.write_tensors(&mut writer, &options.prefix);
@@ -298,7 +298,7 @@ impl<B: Backend> BertForMaskedLM<B> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| HubError::Io {
             path: dir.to_path_buf(),
-            source: e,
+            error: e,
         })?;
         let mut writer = CheckpointWriter::new(options.dtype);
         self.bert.write_tensors(&mut writer, &options.prefix);

@@ -34,8 +34,11 @@ fn ids_tensor(ids: &[u32]) -> Tensor<B, 2, Int> {
     Tensor::from_data(TensorData::new(ids, [1, n]), &Default::default())
 }
 
+/// A fresh directory, unique to this call (tests run in parallel threads).
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mics-gpt-test-{name}-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("mics-gpt-test-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }

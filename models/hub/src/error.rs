@@ -12,12 +12,12 @@ pub enum HubError {
         path: PathBuf,
     },
     /// An operating-system error while reading or writing a file.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (in the message, so not also a `source`).
+        error: std::io::Error,
     },
     /// The safetensors header declares a size above the accepted limit.
     #[error("{path}: safetensors header of {size} bytes is larger than the limit of {limit} bytes")]
@@ -101,10 +101,10 @@ pub enum HubError {
 }
 
 impl HubError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         HubError::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }

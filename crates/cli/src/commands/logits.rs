@@ -1,10 +1,106 @@
-//! `mics logits` (being written).
+//! `mics logits`: the logits of a token sequence (GPT-2: next token; BERT: masked LM).
+//!
+//! Also holds what the three model commands share: the CPU backend and the
+//! `model_type` check.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use burn::backend::NdArray;
+use burn::tensor::{Int, Tensor, TensorData};
+use mics_bert::BertForMaskedLM;
+use mics_gpt::Gpt2LMHeadModel;
+
+/// The backend of the model commands.
+pub(crate) type Cpu = NdArray<f32>;
+
+/// Reads `model_type` from `dir/config.json` and checks it is one of `accepted`.
+pub(crate) fn check_model_type(dir: &Path, accepted: &[&str]) -> anyhow::Result<String> {
+    let model_type = mics_hub::config::model_type(dir)?;
+    if !accepted.contains(&model_type.as_str()) {
+        bail!(
+            "{}: model_type {model_type:?} is not supported here (expected {})",
+            dir.join("config.json").display(),
+            accepted.join(" or ")
+        );
+    }
+    Ok(model_type)
+}
 
 /// Arguments of `mics logits`.
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Directory holding `config.json` (`model_type` "gpt2" or "bert") and
+    /// `model.safetensors`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Comma-separated token ids, e.g. `5,17,88`.
+    #[arg(long)]
+    pub ids: String,
+}
 
-/// Runs `mics logits`.
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("mics logits is not implemented yet")
+/// Parses `5,17,88` into ids.
+fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {
+    let ids = text
+        .split(',')
+        .map(|part| {
+            let part = part.trim();
+            part.parse::<u32>()
+                .with_context(|| format!("--ids: {part:?} is not a token id"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if ids.is_empty() {
+        bail!("--ids: no ids given");
+    }
+    Ok(ids)
+}
+
+/// Prints `{"ids": [...], "logits": [[...], ...]}`, one row of vocabulary logits per
+/// position.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let ids = parse_ids(&args.ids)?;
+    let model_type = check_model_type(&args.model, &["gpt2", "bert"])?;
+    let device = Default::default();
+    let check = |vocab: usize, positions: usize| -> anyhow::Result<()> {
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("--ids: id {bad} is outside the vocabulary of {vocab} tokens");
+        }
+        if ids.len() > positions {
+            bail!(
+                "--ids: {} ids are more than the model's {positions} positions",
+                ids.len()
+            );
+        }
+        Ok(())
+    };
+    let input = || {
+        let values: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+        Tensor::<Cpu, 2, Int>::from_data(TensorData::new(values, [1, ids.len()]), &device)
+    };
+    let (logits, vocab) = if model_type == "gpt2" {
+        let (model, _) = Gpt2LMHeadModel::<Cpu>::load(&args.model, &device)?;
+        check(model.config.vocab_size, model.config.n_positions)?;
+        (model.forward(input()), model.config.vocab_size)
+    } else {
+        let (model, report) = BertForMaskedLM::<Cpu>::load(&args.model, &device)?;
+        check(
+            model.bert.config.vocab_size,
+            model.bert.config.max_position_embeddings,
+        )?;
+        if !report.initialised.is_empty() {
+            eprintln!(
+                "warning: not in the checkpoint, randomly initialised: {}",
+                report.initialised.join(", ")
+            );
+        }
+        (model.forward(input(), None), model.bert.config.vocab_size)
+    };
+    let values: Vec<f32> = logits
+        .into_data()
+        .to_vec()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .context("reading the logits")?;
+    let rows: Vec<&[f32]> = values.chunks(vocab).collect();
+    println!("{}", serde_json::json!({ "ids": ids, "logits": rows }));
+    Ok(())
 }
