@@ -1,0 +1,180 @@
+//! Prefetch: record the order in which parameters are gathered on the first
+//! step, and on later steps start the next gathers while the current op runs.
+//!
+//! Every rank of a partition group runs the same program, so they record the
+//! same order and issue the same collectives in the same sequence. When a
+//! step uses parameters in another order, the prefetched buffers are dropped,
+//! the step continues with on-demand gathers and the new order is recorded.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, Weak};
+
+use burn::module::ParamId;
+use mics_comm::Work;
+
+use crate::runtime::AtomicCounters;
+
+/// How far ahead to gather.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefetchConfig {
+    /// Gathers in flight or waiting ahead of the current use; 0 turns prefetch off.
+    pub depth: usize,
+    /// Most bytes of gathered parameters held ahead of their use.
+    pub budget_bytes: u64,
+}
+
+impl PrefetchConfig {
+    /// No prefetch: every gather is issued when an op needs it.
+    pub fn disabled() -> Self {
+        PrefetchConfig {
+            depth: 0,
+            budget_bytes: 0,
+        }
+    }
+
+    /// Prefetch `depth` gathers ahead within `budget_bytes`.
+    pub fn new(depth: usize, budget_bytes: u64) -> Self {
+        PrefetchConfig {
+            depth,
+            budget_bytes,
+        }
+    }
+}
+
+/// Something that can start the gather of a parameter (type-erased shard).
+pub(crate) trait GatherSource: Send + Sync {
+    fn start(&self) -> Work<Vec<f32>>;
+    fn bytes(&self) -> u64;
+}
+
+#[derive(Default)]
+struct State {
+    /// Order of uses recorded on the last complete step.
+    order: Vec<ParamId>,
+    /// Uses seen so far in this step.
+    trace: Vec<ParamId>,
+    /// Replaying `order` in this step (no divergence seen yet).
+    replaying: bool,
+    /// Prefetched gathers by position in `order`.
+    ahead: VecDeque<(usize, Work<Vec<f32>>, u64)>,
+    ahead_bytes: u64,
+    /// Next position of `order` to prefetch.
+    next_issue: usize,
+    sources: HashMap<ParamId, Weak<dyn GatherSource>>,
+}
+
+pub(crate) struct Prefetcher {
+    config: PrefetchConfig,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Prefetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prefetcher")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Prefetcher {
+    pub fn new(config: PrefetchConfig) -> Self {
+        Prefetcher {
+            config,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.config.depth > 0
+    }
+
+    /// The current shard of a parameter, for gathers issued ahead.
+    pub fn register(&self, id: ParamId, source: Weak<dyn GatherSource>) {
+        if self.enabled() {
+            self.state.lock().unwrap().sources.insert(id, source);
+        }
+    }
+
+    pub fn begin_step(&self, counters: &AtomicCounters) {
+        if !self.enabled() {
+            return;
+        }
+        let mut st = self.state.lock().unwrap();
+        drop_ahead(&mut st, counters);
+        let trace = std::mem::take(&mut st.trace);
+        if !trace.is_empty() {
+            st.order = trace;
+        }
+        st.replaying = !st.order.is_empty();
+        st.next_issue = 0;
+    }
+
+    /// Called on each use of parameter `id`: the prefetched gather for this
+    /// position when there is one (its bytes are already counted live).
+    pub fn take(&self, id: ParamId, counters: &AtomicCounters) -> Option<Work<Vec<f32>>> {
+        if !self.enabled() {
+            return None;
+        }
+        let mut st = self.state.lock().unwrap();
+        let pos = st.trace.len();
+        st.trace.push(id);
+        if st.replaying && st.order.get(pos) != Some(&id) {
+            st.replaying = false;
+            drop_ahead(&mut st, counters);
+        }
+        if !st.replaying {
+            return None;
+        }
+        if st.next_issue <= pos {
+            st.next_issue = pos + 1;
+        }
+        match st.ahead.front() {
+            Some((at, _, _)) if *at == pos => {
+                let (_, work, bytes) = st.ahead.pop_front().expect("front exists");
+                st.ahead_bytes -= bytes;
+                counters.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+                Some(work)
+            }
+            _ => {
+                counters.prefetch_misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// After a use has been served: start the gathers of the next uses.
+    pub fn after_use(&self, counters: &AtomicCounters) {
+        if !self.enabled() {
+            return;
+        }
+        let mut st = self.state.lock().unwrap();
+        if !st.replaying {
+            return;
+        }
+        while st.ahead.len() < self.config.depth && st.next_issue < st.order.len() {
+            let pos = st.next_issue;
+            let Some(source) = st.sources.get(&st.order[pos]).and_then(Weak::upgrade) else {
+                break;
+            };
+            let bytes = source.bytes();
+            if st.ahead_bytes + bytes > self.config.budget_bytes {
+                break;
+            }
+            counters.acquire_live(bytes);
+            st.ahead_bytes += bytes;
+            st.ahead.push_back((pos, source.start(), bytes));
+            st.next_issue += 1;
+        }
+    }
+}
+
+/// Wait for and drop the gathers issued ahead (every rank issued them, so
+/// they complete).
+fn drop_ahead(st: &mut State, counters: &AtomicCounters) {
+    for (_, work, bytes) in st.ahead.drain(..) {
+        let _ = work.wait();
+        counters.release_live(bytes);
+    }
+    st.ahead_bytes = 0;
+}

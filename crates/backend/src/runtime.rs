@@ -1,0 +1,119 @@
+//! Per-rank state of the decorator: the MiCS groups and the counters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use mics_comm::MicsGroups;
+
+use crate::prefetch::Prefetcher;
+
+/// What one rank's `Mics` runtime has done, as counted by the backend itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// All-gathers of a parameter issued (on demand and prefetched).
+    pub gathers: u64,
+    /// Gathers served from the prefetch cache.
+    pub prefetch_hits: u64,
+    /// Gathers that had to be issued on demand while prefetch was active.
+    pub prefetch_misses: u64,
+    /// Bytes of gathered (full, unpadded) parameters produced.
+    pub bytes_gathered: u64,
+    /// Gathered bytes alive right now: held by an op or waiting in the prefetch cache.
+    pub live_gathered_bytes: u64,
+    /// The most gathered bytes alive at once since the last [`MicsRuntime::reset_peak`].
+    pub peak_live_gathered_bytes: u64,
+    /// Bytes of parameter shards this rank holds (padding included).
+    pub shard_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct AtomicCounters {
+    pub gathers: AtomicU64,
+    pub prefetch_hits: AtomicU64,
+    pub prefetch_misses: AtomicU64,
+    pub bytes_gathered: AtomicU64,
+    pub live: AtomicU64,
+    pub peak_live: AtomicU64,
+    pub shard_bytes: AtomicU64,
+}
+
+impl AtomicCounters {
+    pub fn acquire_live(&self, bytes: u64) {
+        let now = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak_live.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub fn release_live(&self, bytes: u64) {
+        self.live.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// One rank's MiCS runtime: its partition and replication groups, the
+/// prefetcher and the counters. Every sharded parameter holds an `Arc` to the
+/// runtime of the rank that owns it, so the backend's static ops reach the
+/// right communicator without global state.
+#[derive(Debug)]
+pub struct MicsRuntime {
+    groups: MicsGroups,
+    pub(crate) counters: AtomicCounters,
+    pub(crate) prefetcher: Prefetcher,
+}
+
+impl MicsRuntime {
+    /// A runtime over this rank's groups, prefetch off.
+    pub fn new(groups: MicsGroups) -> Arc<MicsRuntime> {
+        Self::with_prefetch(groups, PrefetchConfig::disabled())
+    }
+
+    /// A runtime over this rank's groups with the given prefetch settings.
+    pub fn with_prefetch(groups: MicsGroups, prefetch: PrefetchConfig) -> Arc<MicsRuntime> {
+        Arc::new(MicsRuntime {
+            groups,
+            counters: AtomicCounters::default(),
+            prefetcher: Prefetcher::new(prefetch),
+        })
+    }
+
+    /// The partition, replication and node groups of this rank.
+    pub fn groups(&self) -> &MicsGroups {
+        &self.groups
+    }
+
+    /// This rank's index inside its partition group (which shard it holds).
+    pub fn partition_rank(&self) -> usize {
+        self.groups.partition().rank()
+    }
+
+    /// The partition size p.
+    pub fn partition_size(&self) -> usize {
+        self.groups.partition().size()
+    }
+
+    /// A snapshot of the counters.
+    pub fn counters(&self) -> Counters {
+        let c = &self.counters;
+        Counters {
+            gathers: c.gathers.load(Ordering::Relaxed),
+            prefetch_hits: c.prefetch_hits.load(Ordering::Relaxed),
+            prefetch_misses: c.prefetch_misses.load(Ordering::Relaxed),
+            bytes_gathered: c.bytes_gathered.load(Ordering::Relaxed),
+            live_gathered_bytes: c.live.load(Ordering::Relaxed),
+            peak_live_gathered_bytes: c.peak_live.load(Ordering::Relaxed),
+            shard_bytes: c.shard_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Restart the peak of live gathered bytes from the current value.
+    pub fn reset_peak(&self) {
+        let now = self.counters.live.load(Ordering::Relaxed);
+        self.counters.peak_live.store(now, Ordering::Relaxed);
+    }
+
+    /// Mark the start of a training step for the prefetcher: the first step
+    /// records the order in which parameters are used, later ones replay it.
+    pub fn begin_step(&self) {
+        self.prefetcher.begin_step(&self.counters);
+    }
+}
+
+pub use crate::prefetch::PrefetchConfig;

@@ -1,0 +1,143 @@
+//! The one-call API: shard a Burn module's parameters over this rank's
+//! partition group, and gather them back into a plain module.
+
+use std::sync::Arc;
+
+use burn::module::{AutodiffModule, ModuleMapper, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use mics_comm::{Collectives, Sharding};
+
+use crate::gather::{local, primitive_to_vec, release_gathered};
+use crate::prefetch::GatherSource;
+use crate::runtime::MicsRuntime;
+use crate::tensor::{ShardedParam, ShardedTensor};
+use crate::{Mics, MicsTensor};
+
+/// Where the values of the parameters come from when sharding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShardInit {
+    /// Every rank of the partition group built the same values (same seed
+    /// or same checkpoint): each keeps its slice.
+    #[default]
+    Identical,
+    /// Rank 0 of each partition group broadcasts its values first.
+    BroadcastFromGroupRoot,
+}
+
+/// Shard every float parameter of `module` over this rank's partition group.
+/// Collective: every rank of the world calls it with the same module structure.
+pub fn shard_module<B, AB, M>(module: M, runtime: &Arc<MicsRuntime>, init: ShardInit) -> M
+where
+    B: Backend,
+    AB: AutodiffBackend<InnerBackend = Mics<B>>,
+    M: AutodiffModule<AB>,
+{
+    module.map(&mut Sharder {
+        runtime: runtime.clone(),
+        init,
+    })
+}
+
+/// Gather every sharded parameter of `module` into a plain local tensor (for
+/// export or evaluation). Collective inside each partition group.
+pub fn gather_module<B, AB, M>(module: M) -> M
+where
+    B: Backend,
+    AB: AutodiffBackend<InnerBackend = Mics<B>>,
+    M: AutodiffModule<AB>,
+{
+    module.map(&mut Gatherer)
+}
+
+/// Put a new shard value in place of parameter `id` (used by the optimizer).
+pub(crate) fn sharded_value<B: Backend>(
+    id: burn::module::ParamId,
+    shard: B::FloatTensorPrimitive,
+    like: &ShardedTensor<B>,
+) -> MicsTensor<B> {
+    let p = &like.param;
+    let param = ShardedParam::new(id, shard, p.shape.clone(), p.dtype, p.runtime.clone());
+    MicsTensor::Sharded(ShardedTensor::new(register(param)))
+}
+
+fn register<B: Backend>(param: ShardedParam<B>) -> Arc<ShardedParam<B>> {
+    let param = Arc::new(param);
+    let weak: std::sync::Weak<dyn GatherSource> =
+        Arc::downgrade(&(param.clone() as Arc<dyn GatherSource>));
+    param.runtime.prefetcher.register(param.id, weak);
+    param
+}
+
+struct Sharder {
+    runtime: Arc<MicsRuntime>,
+    init: ShardInit,
+}
+
+fn map_inner<B, AB, const D: usize>(
+    param: Param<Tensor<AB, D>>,
+    f: impl FnOnce(burn::module::ParamId, MicsTensor<B>) -> MicsTensor<B>,
+) -> Param<Tensor<AB, D>>
+where
+    B: Backend,
+    AB: AutodiffBackend<InnerBackend = Mics<B>>,
+{
+    let (id, tensor, mapper) = param.consume();
+    let require_grad = tensor.is_require_grad();
+    let prim = tensor.inner().into_primitive().tensor();
+    let mapped = f(id, prim);
+    let mut tensor =
+        Tensor::<AB, D>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(mapped)));
+    if require_grad {
+        tensor = tensor.require_grad();
+    }
+    Param::from_mapped_value(id, tensor, mapper)
+}
+
+impl<B, AB> ModuleMapper<AB> for Sharder
+where
+    B: Backend,
+    AB: AutodiffBackend<InnerBackend = Mics<B>>,
+{
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+        map_inner(param, |id, prim| {
+            if let MicsTensor::Sharded(_) = prim {
+                return prim;
+            }
+            let shape = burn::tensor::TensorMetadata::shape(&prim);
+            let dtype = burn::tensor::TensorMetadata::dtype(&prim);
+            let t = local(prim);
+            let device = B::float_device(&t);
+            let mut full = primitive_to_vec::<B>(t);
+            let group = self.runtime.groups().partition();
+            if self.init == ShardInit::BroadcastFromGroupRoot {
+                full = group.broadcast(full, 0).wait().unwrap_or_else(|err| {
+                    panic!("mics: broadcast of parameter {id} failed: {err}")
+                });
+            }
+            let sharding = Sharding::new(full.len(), group.size());
+            let shard = sharding.shard_of(&full, group.rank());
+            let len = shard.len();
+            let shard =
+                B::float_from_data(TensorData::new(shard, [len]).convert_dtype(dtype), &device);
+            let param = ShardedParam::new(id, shard, shape, dtype, self.runtime.clone());
+            MicsTensor::Sharded(ShardedTensor::new(register(param)))
+        })
+    }
+}
+
+struct Gatherer;
+
+impl<B, AB> ModuleMapper<AB> for Gatherer
+where
+    B: Backend,
+    AB: AutodiffBackend<InnerBackend = Mics<B>>,
+{
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
+        map_inner(param, |_, prim| {
+            let t = local(prim);
+            release_gathered();
+            MicsTensor::Local(t)
+        })
+    }
+}
