@@ -5,10 +5,16 @@ mod common;
 
 use std::ops::Range;
 
-use burn::module::Module;
-use burn::nn::{Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::module::{Module, Param};
+use burn::nn::attention::{
+    MhaInput, MultiHeadAttention, MultiHeadAttentionConfig, generate_autoregressive_mask,
+};
+use burn::nn::{
+    Embedding, EmbeddingConfig, Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use common::*;
 use mics_backend::PrefetchConfig;
 
@@ -110,4 +116,142 @@ fn mlp_parity_all_configurations() {
             PrefetchConfig::disabled(),
         );
     }
+}
+
+/// Embedding (tied with the output projection), a learned position table
+/// used through views, causal self-attention, layer norms and an MLP.
+#[derive(Module, Debug)]
+pub struct TinyGpt<B: Backend> {
+    embed: Embedding<B>,
+    pos: Param<Tensor<B, 2>>,
+    ln1: LayerNorm<B>,
+    attn: MultiHeadAttention<B>,
+    ln2: LayerNorm<B>,
+    fc: Linear<B>,
+    proj: Linear<B>,
+    ln_f: LayerNorm<B>,
+    act: Gelu,
+}
+
+struct GptTask;
+
+const VOCAB: usize = 13;
+const D_MODEL: usize = 10;
+const SEQ: usize = 5;
+const FF: usize = 19;
+
+fn tokens(sample: usize) -> Vec<i64> {
+    (0..=SEQ)
+        .map(|t| ((sample * 7 + t * t * 3 + t) % VOCAB) as i64)
+        .collect()
+}
+
+impl Task for GptTask {
+    type Model<B: AutodiffBackend> = TinyGpt<B>;
+
+    fn init<B: AutodiffBackend>(&self, device: &B::Device) -> TinyGpt<B> {
+        TinyGpt {
+            embed: EmbeddingConfig::new(VOCAB, D_MODEL).init(device),
+            pos: Param::from_tensor(Tensor::zeros([SEQ, D_MODEL], device)),
+            ln1: LayerNormConfig::new(D_MODEL).init(device),
+            attn: MultiHeadAttentionConfig::new(D_MODEL, 2)
+                .with_dropout(0.0)
+                .init(device),
+            ln2: LayerNormConfig::new(D_MODEL).init(device),
+            fc: LinearConfig::new(D_MODEL, FF).init(device),
+            proj: LinearConfig::new(FF, D_MODEL).init(device),
+            ln_f: LayerNormConfig::new(D_MODEL).init(device),
+            act: Gelu::new(),
+        }
+    }
+
+    fn loss<B: AutodiffBackend>(
+        &self,
+        m: &TinyGpt<B>,
+        samples: Range<usize>,
+        device: &B::Device,
+    ) -> Tensor<B, 1> {
+        let b = samples.len();
+        let all: Vec<Vec<i64>> = samples.map(tokens).collect();
+        let input: Vec<i64> = all.iter().flat_map(|t| t[..SEQ].to_vec()).collect();
+        let target: Vec<i64> = all.iter().flat_map(|t| t[1..].to_vec()).collect();
+        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [b, SEQ]), device);
+        let target = Tensor::<B, 2, Int>::from_data(TensorData::new(target, [b, SEQ]), device);
+
+        let x = m.embed.forward(input) + m.pos.val().unsqueeze::<3>();
+        let mask = generate_autoregressive_mask::<B>(b, SEQ, device);
+        let a = m
+            .attn
+            .forward(MhaInput::self_attn(m.ln1.forward(x.clone())).mask_attn(mask));
+        let x = x + a.context;
+        let h = m
+            .proj
+            .forward(m.act.forward(m.fc.forward(m.ln2.forward(x.clone()))));
+        let x = m.ln_f.forward(x + h);
+        // Tied weights: the embedding table is used again as the output projection.
+        let logits = x.matmul(m.embed.weight.val().transpose().unsqueeze::<3>());
+        let logp = log_softmax(logits, 2);
+        let picked = logp.gather(2, target.unsqueeze_dim::<3>(2));
+        picked.mean().neg()
+    }
+}
+
+// embed, pos, ln1 (2), attn q/k/v/o (8), ln2 (2), fc (2), proj (2), ln_f (2)
+const GPT_PARAMS: usize = 20;
+
+#[test]
+fn transformer_parity_all_configurations() {
+    for (n, k, p, s) in [
+        (1, 1, 1, 1),
+        (2, 2, 2, 1),
+        (4, 4, 2, 2),
+        (4, 4, 4, 1),
+        (4, 2, 4, 3),
+        (8, 2, 4, 2),
+    ] {
+        check(
+            &GptTask,
+            cfg(n, k, p, s),
+            GPT_PARAMS,
+            None,
+            PrefetchConfig::disabled(),
+        );
+    }
+}
+
+#[test]
+fn global_norm_clipping_matches_reference() {
+    // A threshold below the gradient norm, so clipping is active every step.
+    check(
+        &GptTask,
+        cfg(4, 2, 4, 2),
+        GPT_PARAMS,
+        Some(0.05),
+        PrefetchConfig::disabled(),
+    );
+    check(
+        &MlpTask,
+        cfg(4, 4, 2, 2),
+        MLP_PARAMS,
+        Some(0.05),
+        PrefetchConfig::disabled(),
+    );
+}
+
+#[test]
+fn prefetch_gives_the_same_result_and_hits() {
+    let c = cfg(4, 2, 4, 2);
+    let reference = reference(&GptTask, c, None);
+    let ranks = distributed(&GptTask, c, None, PrefetchConfig::new(3, 1 << 20));
+    let worst = assert_parity(&reference, &ranks, TOL);
+    assert_collective_counts(&ranks, GPT_PARAMS, c, false);
+    for rank in &ranks {
+        let k = rank.counters;
+        assert!(k.prefetch_hits > 0, "{k:?}");
+        assert!(k.prefetch_hits > 4 * k.prefetch_misses, "{k:?}");
+    }
+    eprintln!(
+        "prefetch: worst relative error {worst:e}, counters {:?}",
+        ranks[0].counters
+    );
 }
