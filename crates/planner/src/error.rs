@@ -24,20 +24,20 @@ pub enum PlanError {
         presets: String,
     },
     /// A config.json could not be read.
-    #[error("cannot read model config {path}: {source}")]
+    #[error("cannot read model config {path}: {reason}")]
     Io {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// A config.json is not valid JSON.
-    #[error("malformed model config {path}: {source}")]
+    #[error("malformed model config {path}: {reason}")]
     Json {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: serde_json::Error,
+        reason: serde_json::Error,
     },
     /// A config.json is JSON but lacks a field we need, or holds a bad value.
     #[error("model config {path}: {problem}")]

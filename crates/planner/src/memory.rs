@@ -69,6 +69,13 @@ pub fn memory(model: &ModelSpec, config: &TrainConfig, strategy: Strategy) -> Me
             psi * OPTIMIZER_BYTES / shards,
             0.0,
         ),
+        // A partition of one is a plain replica: nothing to gather.
+        Strategy::Mics { partition_size: 1 } => (
+            psi * PARAM_BYTES,
+            psi * GRAD_BYTES,
+            psi * OPTIMIZER_BYTES,
+            0.0,
+        ),
         Strategy::Zero3 | Strategy::Mics { .. } => (
             psi * PARAM_BYTES / shards,
             psi * GRAD_BYTES / shards,

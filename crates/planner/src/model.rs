@@ -118,7 +118,7 @@ impl ModelSpec {
             return Self::preset(name_or_path);
         }
         let path = Path::new(name_or_path);
-        if path.is_file() {
+        if path.is_file() || name_or_path.contains('/') || name_or_path.ends_with(".json") {
             return Self::from_hf_config(path);
         }
         Err(PlanError::UnknownModel {
@@ -132,13 +132,13 @@ impl ModelSpec {
     /// `vocab_size`, `max_position_embeddings`) or GPT-2 keys (`n_embd`,
     /// `n_layer`, `n_head`, `vocab_size`, `n_positions`, optional `n_inner`).
     pub fn from_hf_config(path: &Path) -> Result<Self, PlanError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Io {
+        let text = std::fs::read_to_string(path).map_err(|reason| PlanError::Io {
             path: path.to_path_buf(),
-            source,
+            reason,
         })?;
-        let json: Value = serde_json::from_str(&text).map_err(|source| PlanError::Json {
+        let json: Value = serde_json::from_str(&text).map_err(|reason| PlanError::Json {
             path: path.to_path_buf(),
-            source,
+            reason,
         })?;
         let problem = |problem: String| PlanError::ModelConfig {
             path: path.to_path_buf(),

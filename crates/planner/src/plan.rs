@@ -360,11 +360,13 @@ impl Planner {
                     ranks_per_node: if p >= k { 1 } else { k / p },
                     concurrent_per_node: p.min(k),
                 };
-                let all_reduce = |m| ring(cluster, Collective::AllReduce, replication, m);
-                // Each rank all-reduces its 1/p shard of every gradient.
-                let shard = 1.0 / p as f64;
-                boundary_reduce = self.per_tensor(&tensors, shard, all_reduce);
-                boundary_tail = self.per_tensor(&layer, shard, all_reduce).serial_time_s();
+                // Each rank all-reduces its accumulated 1/p shard of every
+                // gradient once per step, coalesced into buckets like DDP's.
+                let (all, bucket) = self.bucketed(psi_bytes / p as f64, |m| {
+                    ring(cluster, Collective::AllReduce, replication, m)
+                });
+                boundary_reduce = all;
+                boundary_tail = bucket.serial_time_s();
             }
         }
 

@@ -103,7 +103,7 @@ pub fn sweep(
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
 /// Draws throughput per GPU and weak-scaling efficiency against GPUs, one
-/// line per strategy that fits, into a PNG file.
+/// line per strategy over the sizes where it fits, into a PNG file.
 pub fn plot_sweep(points: &[SweepPoint], title: &str, path: &Path) -> Result<(), PlanError> {
     let fail = |e: &dyn std::fmt::Display| PlanError::Plot {
         path: path.to_path_buf(),
@@ -164,13 +164,14 @@ pub fn plot_sweep(points: &[SweepPoint], title: &str, path: &Path) -> Result<(),
             .margin(15)
             .x_label_area_size(45)
             .y_label_area_size(70)
-            .build_cartesian_2d((x_lo..x_hi).log_scale(), 0.0..y_hi)
+            .build_cartesian_2d((x_lo..x_hi).log_scale().base(2.0), 0.0..y_hi)
             .map_err(|e| fail(&e))?;
         chart
             .configure_mesh()
             .x_desc("GPUs")
             .y_desc(y_desc)
             .x_label_formatter(&|x| format!("{:.0}", x))
+            .light_line_style(RGBColor(238, 238, 238))
             .label_style(("sans-serif", 15))
             .draw()
             .map_err(|e| fail(&e))?;

@@ -125,7 +125,10 @@ fn bad_inputs_give_one_clear_error() {
         .unwrap_err();
     assert!(matches!(err, PlanError::InvalidConfig(_)));
     assert!("zero4".parse::<StrategyChoice>().is_err());
-    assert!(err.to_string().contains("partition size 12 must divide 16 GPUs"));
+    assert!(
+        err.to_string()
+            .contains("partition size 12 must divide 16 GPUs")
+    );
 }
 
 #[test]
