@@ -23,6 +23,8 @@
 //! # Ok::<(), mics_planner::PlanError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 mod cluster;
 mod collective;
 mod error;

@@ -166,7 +166,7 @@ impl Planner {
         }
         if !config.gpus.is_multiple_of(config.gpus_per_node) {
             return bad(format!(
-                "{} GPUs is not a whole number of nodes of {} GPUs (--gpus must be divisible by --gpus-per-node)",
+                "{} GPUs is not a whole number of nodes of {} GPUs (--gpus must be divisible by --gpus-per-node; for part of a node, set --gpus-per-node to the GPUs used)",
                 config.gpus, config.gpus_per_node
             ));
         }

@@ -71,7 +71,7 @@ pub fn render_table(planner: &Planner, plan: &Plan) -> String {
     );
     let _ = writeln!(
         out,
-        "cluster {}: {}; {} GPUs = {} nodes x {}; usable memory {:.1} GiB per GPU; peak {} TFLOPS",
+        "cluster {}: {}; {} GPUs in {} node(s) of {}; usable memory {:.1} GiB per GPU; peak {} TFLOPS",
         cluster.name,
         cluster.description,
         config.gpus,
