@@ -18,7 +18,8 @@
 //! with a non-zero status rather than hang: `exit-early` (a rank exits
 //! without finalising), `hang` (a rank never arrives: the engine's timeout
 //! aborts the job), `wait-timeout` (a `Work::wait` times out) and `panic`
-//! (a rank panics while holding its communicator).
+//! (a rank panics while holding its communicator). `bench` times f32
+//! all-gather, reduce-scatter and all-reduce of 1 and 16 MiB messages.
 
 #[cfg(feature = "mpi")]
 fn main() {
@@ -68,6 +69,7 @@ mod check {
             "hang" => hang(),
             "wait-timeout" => wait_timeout(),
             "panic" => panic_rank(),
+            "bench" => bench(),
             other => {
                 eprintln!("mpi_check: unknown mode {other:?}");
                 2
@@ -804,6 +806,49 @@ mod check {
         }
         let result = world.barrier().wait();
         eprintln!("rank {}: barrier returned {result:?}", world.rank());
+        0
+    }
+
+    fn bench() -> i32 {
+        let world = init(Duration::from_secs(120));
+        let (rank, p) = (world.rank(), world.size());
+        for mib in [1usize, 16] {
+            let total = mib << 18; // f32 elements of the gathered message
+            let reps = 5;
+            let time = |f: &dyn Fn() -> bool| {
+                let _ = world.barrier().wait();
+                let t = Instant::now();
+                let ok = (0..reps).all(|_| f());
+                (t.elapsed().as_secs_f64() / reps as f64, ok)
+            };
+            let (ag, ok1) = time(&|| world.all_gather(vec![1.0f32; total / p]).wait().is_ok());
+            let (rs, ok2) = time(&|| {
+                world
+                    .reduce_scatter(vec![1.0f32; total], ReduceOp::Sum)
+                    .wait()
+                    .is_ok()
+            });
+            let (ar, ok3) = time(&|| {
+                world
+                    .all_reduce(vec![1.0f32; total], ReduceOp::Sum)
+                    .wait()
+                    .is_ok()
+            });
+            if rank == 0 {
+                let gbps = |s: f64| (mib as f64 / 1024.0) / s;
+                println!(
+                    "{p} ranks, {mib} MiB: all_gather {:.1} ms ({:.2} GiB/s), reduce_scatter {:.1} ms \
+                     ({:.2} GiB/s), all_reduce {:.1} ms ({:.2} GiB/s){}",
+                    ag * 1e3,
+                    gbps(ag),
+                    rs * 1e3,
+                    gbps(rs),
+                    ar * 1e3,
+                    gbps(ar),
+                    if ok1 && ok2 && ok3 { "" } else { " (errors)" }
+                );
+            }
+        }
         0
     }
 }
