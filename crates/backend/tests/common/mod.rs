@@ -175,7 +175,6 @@ pub struct RankRun {
     /// Partition and replication collective counts after each optimizer step.
     pub partition_stats: Vec<CommStats>,
     pub replication_stats: Vec<CommStats>,
-    pub shard_numels: Vec<usize>,
 }
 
 /// The same training on `Autodiff<Mics<NdArray>>`: rank r's micro-step m of
@@ -224,7 +223,6 @@ pub fn distributed<T: Task>(
                 losses.push(total[0] / (c.n * c.s) as f32);
             }
             let counters = runtime.counters();
-            let shard_numels = param_values(&model).iter().map(|v| v.len()).collect();
             let plain = gather_module(model);
             RankRun {
                 run: Run {
@@ -234,7 +232,6 @@ pub fn distributed<T: Task>(
                 counters,
                 partition_stats,
                 replication_stats,
-                shard_numels,
             }
         })
         .unwrap()
