@@ -45,6 +45,10 @@ pub const CLUSTER_PRESETS: &[&str] = &["p3dn", "p4d", "p4de", "h100"];
 // (src/graph/tuning.cc, NCCL 2.x): ring/Simple protocol base latency 8.4 us per
 // collective, 5.7 us per NVLink hop and 9.6 us per network hop. EFA's one-way
 // latency is no lower than InfiniBand's, so these are optimistic for the network.
+// Every message pays the Simple protocol's latency: NCCL over EFA is commonly run
+// with the Simple protocol only (LL and LL128 rely on in-order delivery, which
+// EFA's SRD transport does not promise); inside a node NCCL would pick LL for
+// tiny messages, so small NVLink-only collectives are overstated.
 const BASE_LATENCY_US: f64 = 8.4;
 const NVLINK_HOP_US: f64 = 5.7;
 const NET_HOP_US: f64 = 9.6;

@@ -215,7 +215,8 @@ impl Planner {
             .collect()
     }
 
-    /// Every requested strategy, and the recommended partition size.
+    /// Every requested strategy, and the recommended MiCS partition size
+    /// (computed over every valid size, even when MiCS rows are not requested).
     pub fn plan(&self, choice: StrategyChoice) -> Result<Plan, PlanError> {
         let mut strategies = Vec::new();
         if matches!(choice, StrategyChoice::All | StrategyChoice::Ddp) {
@@ -227,23 +228,24 @@ impl Planner {
         if matches!(choice, StrategyChoice::All | StrategyChoice::Zero3) {
             strategies.push(Strategy::Zero3);
         }
-        if matches!(choice, StrategyChoice::All | StrategyChoice::Mics) {
-            for p in self.valid_partition_sizes() {
-                strategies.push(Strategy::Mics { partition_size: p });
-            }
-        }
-        let rows = strategies
+        let mut rows = strategies
             .into_iter()
             .map(|s| self.estimate(s))
             .collect::<Result<Vec<_>, _>>()?;
-        let mics_fit = || {
-            rows.iter()
-                .filter(|r| matches!(r.strategy, Strategy::Mics { .. }) && r.fits)
-        };
-        let recommended_partition_size = mics_fit().map(|r| r.partition_size).min();
-        let best_throughput_partition_size = mics_fit()
+        // The recommendation looks at every partition size, whatever is shown.
+        let mics_rows = self
+            .valid_partition_sizes()
+            .into_iter()
+            .map(|p| self.estimate(Strategy::Mics { partition_size: p }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let fitting = || mics_rows.iter().filter(|r| r.fits);
+        let recommended_partition_size = fitting().map(|r| r.partition_size).min();
+        let best_throughput_partition_size = fitting()
             .max_by(|a, b| a.tflops_per_gpu.total_cmp(&b.tflops_per_gpu))
             .map(|r| r.partition_size);
+        if matches!(choice, StrategyChoice::All | StrategyChoice::Mics) {
+            rows.extend(mics_rows);
+        }
         Ok(Plan {
             rows,
             recommended_partition_size,

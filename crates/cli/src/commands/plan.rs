@@ -78,7 +78,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if args.gpus.is_some() {
             bail!("give either --gpus or --sweep-gpus, not both");
         }
-        let points = sweep(&model, &cluster, &config, sizes, args.partition_size)?;
+        let mut points = sweep(&model, &cluster, &config, sizes, args.partition_size)?;
+        if choice != StrategyChoice::All {
+            points.retain(|p| p.strategy == args.strategy);
+        }
         if let Some(path) = &args.plot {
             let title = format!(
                 "{} on {} (seq {}, micro-batch {}, grad-accum {}; only sizes that fit in memory)",
