@@ -124,6 +124,9 @@ impl Prefetcher {
             drop_ahead(&mut st, counters);
         }
         if !st.replaying {
+            if !st.order.is_empty() {
+                counters.prefetch_misses.fetch_add(1, Ordering::Relaxed);
+            }
             return None;
         }
         if st.next_issue <= pos {

@@ -14,7 +14,8 @@ pub struct Counters {
     pub gathers: u64,
     /// Gathers served from the prefetch cache.
     pub prefetch_hits: u64,
-    /// Gathers that had to be issued on demand while prefetch was active.
+    /// Gathers issued on demand once an order had been recorded (prefetch
+    /// fell behind, or the order changed).
     pub prefetch_misses: u64,
     /// Bytes of gathered (full, unpadded) parameters produced.
     pub bytes_gathered: u64,

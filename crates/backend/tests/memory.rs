@@ -28,7 +28,15 @@ pub struct Deep<B: Backend> {
     act: Gelu,
 }
 
-struct DeepTask;
+/// `reverse_on_odd_steps`: odd steps run the blocks in reverse order (the
+/// step is read from the sample range), so the recorded gather order changes.
+struct DeepTask {
+    reverse_on_odd_steps: Option<usize>,
+}
+
+const DEEP: DeepTask = DeepTask {
+    reverse_on_odd_steps: None,
+};
 
 impl Task for DeepTask {
     type Model<B: AutodiffBackend> = Deep<B>;
@@ -52,11 +60,20 @@ impl Task for DeepTask {
         device: &B::Device,
     ) -> Tensor<B, 1> {
         let n = samples.len();
+        let start = samples.start;
         let x: Vec<f32> = samples
             .flat_map(|s| (0..D).map(move |i| ((s * D + i) as f32 * 0.29).sin()))
             .collect();
         let mut h = Tensor::<B, 2>::from_data(TensorData::new(x, [n, D]), device);
-        for block in &m.blocks {
+        let odd = self
+            .reverse_on_odd_steps
+            .is_some_and(|global| (start / global) % 2 == 1);
+        let order: Vec<&Block<B>> = if odd {
+            m.blocks.iter().rev().collect()
+        } else {
+            m.blocks.iter().collect()
+        };
+        for block in order {
             h = m.act.forward(block.norm.forward(block.linear.forward(h)));
         }
         h.powi_scalar(2).mean()
@@ -93,8 +110,8 @@ fn config() -> Config {
 #[test]
 fn shards_are_one_pth_and_gathers_are_freed() {
     let c = config();
-    let reference = reference(&DeepTask, c, None);
-    let ranks = distributed(&DeepTask, c, None, PrefetchConfig::disabled());
+    let reference = reference(&DEEP, c, None);
+    let ranks = distributed(&DEEP, c, None, PrefetchConfig::disabled());
     assert_parity(&reference, &ranks, 1e-5);
     for rank in &ranks {
         let k = rank.counters;
@@ -120,8 +137,8 @@ fn shards_are_one_pth_and_gathers_are_freed() {
 fn peak_stays_within_prefetch_budget() {
     let c = config();
     let budget = 2 * LARGEST_OP_BYTES;
-    let reference = reference(&DeepTask, c, None);
-    let ranks = distributed(&DeepTask, c, None, PrefetchConfig::new(4, budget));
+    let reference = reference(&DEEP, c, None);
+    let ranks = distributed(&DEEP, c, None, PrefetchConfig::new(4, budget));
     assert_parity(&reference, &ranks, 1e-5);
     for rank in &ranks {
         let k = rank.counters;
@@ -132,5 +149,30 @@ fn peak_stays_within_prefetch_budget() {
             "{k:?}"
         );
         eprintln!("{k:?}");
+    }
+}
+
+#[test]
+fn prefetch_falls_back_when_the_order_changes() {
+    let c = Config {
+        steps: 4,
+        ..config()
+    };
+    let task = DeepTask {
+        reverse_on_odd_steps: Some(c.n * c.b * c.s),
+    };
+    let budget = 2 * LARGEST_OP_BYTES;
+    let reference = reference(&task, c, None);
+    let ranks = distributed(&task, c, None, PrefetchConfig::new(4, budget));
+    assert_parity(&reference, &ranks, 1e-5);
+    for rank in &ranks {
+        let k = rank.counters;
+        // Every step after the first diverges from the order recorded on the previous one.
+        assert!(k.prefetch_misses >= (c.steps - 1) as u64, "{k:?}");
+        assert!(
+            k.peak_live_gathered_bytes <= budget + LARGEST_OP_BYTES,
+            "{k:?}"
+        );
+        assert_eq!(k.live_gathered_bytes, 0, "{k:?}");
     }
 }
