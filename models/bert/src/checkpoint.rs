@@ -167,7 +167,7 @@ impl<B: Backend> BertModel<B> {
                         eps,
                         device,
                     )?,
-                    activation: activation,
+                    activation,
                 })
             })
             .collect::<Result<_, HubError>>()?;

@@ -11,6 +11,8 @@
 //!
 //! The models are generic over the backend and know nothing of sharding.
 
+#![warn(missing_docs)]
+
 mod checkpoint;
 mod config;
 mod model;

@@ -161,7 +161,7 @@ impl<B: Backend> BertModel<B> {
                 intermediate: init_linear([d, config.intermediate_size], std, device),
                 output: init_linear([config.intermediate_size, d], std, device),
                 output_norm: init_layer_norm(d, eps, device),
-                activation: activation,
+                activation,
             })
             .collect();
         BertModel {
@@ -242,7 +242,7 @@ impl<B: Backend> BertLmHead<B> {
             dense: init_linear([d, d], config.initializer_range, device),
             layer_norm: init_layer_norm(d, config.layer_norm_eps, device),
             bias: Param::from_tensor(Tensor::zeros([config.vocab_size], device)),
-            activation: activation,
+            activation,
         }
     }
 

@@ -73,7 +73,7 @@ impl Gpt2Config {
 
     /// Checks the sizes are consistent and the activation is supported.
     pub fn validate(&self) -> Result<Activation, String> {
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(format!(
                 "n_embd {} is not a multiple of n_head {}",
                 self.n_embd, self.n_head

@@ -12,6 +12,8 @@
 //!
 //! The model is generic over the backend and knows nothing of sharding.
 
+#![warn(missing_docs)]
+
 mod checkpoint;
 mod config;
 mod generate;

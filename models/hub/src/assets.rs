@@ -35,3 +35,16 @@ pub fn asset_file(name: &str, file: &str) -> Result<PathBuf, HubError> {
         Err(HubError::MissingAsset { path })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_asset_names_the_path_and_the_setup_command() {
+        let err = asset_dir("no-such-asset-anywhere").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("no-such-asset-anywhere"), "{message}");
+        assert!(message.contains("scripts/fetch-assets"), "{message}");
+    }
+}

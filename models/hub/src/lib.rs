@@ -5,6 +5,8 @@
 //! Every fallible function returns a [`HubError`] that names the file involved and,
 //! for tensors, the key and the expected and found shape or dtype.
 
+#![warn(missing_docs)]
+
 pub mod assets;
 pub mod checkpoint;
 pub mod config;

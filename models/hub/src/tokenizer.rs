@@ -63,15 +63,12 @@ impl TextTokenizer {
                 ));
             }
         }
-        let model = BPE::from_file(
-            &vocab.to_string_lossy().into_owned(),
-            &merges.to_string_lossy().into_owned(),
-        )
-        .build()
-        .map_err(|e| HubError::Tokenizer {
-            path: vocab.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let model = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+            .build()
+            .map_err(|e| HubError::Tokenizer {
+                path: vocab.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         let mut inner = Tokenizer::new(model);
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         inner.with_decoder(Some(ByteLevelDecoder::default()));

@@ -24,6 +24,14 @@ pub struct Args {
 /// `{"text": ..., "ids": [...], "embedding": [...]}`, the embedding being the mean of
 /// the last hidden states over the tokens, L2-normalised.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    for line in embed(&args)? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// The output lines of `mics embed`.
+fn embed(args: &Args) -> anyhow::Result<Vec<serde_json::Value>> {
     check_model_type(&args.model, &["bert"])?;
     let device = Default::default();
     let (model, _) = BertModel::<Cpu>::load(&args.model, &device)?;
@@ -51,9 +59,66 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .to_vec()
         .map_err(|e| anyhow::anyhow!("{e:?}"))
         .context("reading the embeddings")?;
-    for ((text, ids), embedding) in args.texts.iter().zip(&ids).zip(embeddings.chunks(hidden)) {
-        let line = serde_json::json!({ "text": text, "ids": ids, "embedding": embedding });
-        println!("{line}");
+    Ok(args
+        .texts
+        .iter()
+        .zip(&ids)
+        .zip(embeddings.chunks(hidden))
+        .map(|((text, ids), embedding)| {
+            serde_json::json!({ "text": text, "ids": ids, "embedding": embedding })
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mics_hub::assets::asset_dir;
+
+    fn args(model: PathBuf, texts: &[&str]) -> Args {
+        Args {
+            model,
+            texts: texts.iter().map(|t| t.to_string()).collect(),
+        }
     }
-    Ok(())
+
+    #[test]
+    fn embeds_minilm_as_json_lines() {
+        let dir = asset_dir("minilm").unwrap_or_else(|e| panic!("{e}"));
+        let lines = embed(&args(
+            dir,
+            &["The weather is lovely today.", "It's so sunny outside!"],
+        ))
+        .unwrap();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["text"], "The weather is lovely today.");
+        assert_eq!(
+            lines[0]["ids"],
+            serde_json::json!([101, 1996, 4633, 2003, 8403, 2651, 1012, 102])
+        );
+        let vector = |i: usize| -> Vec<f64> {
+            lines[i]["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        };
+        let (a, b) = (vector(0), vector(1));
+        assert_eq!(a.len(), 384);
+        let cosine: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((cosine - 0.6660).abs() < 1e-3, "{cosine}");
+    }
+
+    #[test]
+    fn rejects_a_gpt2_model() {
+        let dir = asset_dir("tiny-gpt2")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .join("hub");
+        let err = embed(&args(dir, &["hi"])).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("model_type \"gpt2\""),
+            "{err:#}"
+        );
+    }
 }

@@ -38,6 +38,12 @@ pub struct Args {
 
 /// Prints the prompt followed by the generated continuation.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    println!("{}", generate(&args)?);
+    Ok(())
+}
+
+/// The prompt and its continuation.
+fn generate(args: &Args) -> anyhow::Result<String> {
     if !args.temperature.is_finite() || args.temperature < 0.0 {
         bail!(
             "--temperature must be a finite number >= 0, not {}",
@@ -79,6 +85,60 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let new = model.generate(&prompt, &options, &device);
     let mut all = prompt;
     all.extend(new);
-    println!("{}", tokenizer.decode(&all)?);
-    Ok(())
+    Ok(tokenizer.decode(&all)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mics_hub::assets::asset_dir;
+
+    fn args(variant: &str) -> Args {
+        Args {
+            model: asset_dir("tiny-gpt2")
+                .unwrap_or_else(|e| panic!("{e}"))
+                .join(variant),
+            prompt: "Hello world".into(),
+            max_new_tokens: 6,
+            temperature: 0.8,
+            top_k: Some(40),
+            seed: Some(3),
+            tokenizer: None,
+        }
+    }
+
+    #[test]
+    fn seeded_generation_is_reproducible_and_continues_the_prompt() {
+        let a = generate(&args("save_pretrained")).unwrap();
+        assert!(
+            a.starts_with("Hello world") && a.len() > "Hello world".len(),
+            "{a}"
+        );
+        assert_eq!(a, generate(&args("save_pretrained")).unwrap());
+        // The Hub layout holds the same weights.
+        assert_eq!(a, generate(&args("hub")).unwrap());
+    }
+
+    #[test]
+    fn tokenizer_can_come_from_elsewhere() {
+        let mut with = args("hub");
+        with.tokenizer = Some(asset_dir("gpt2-tokenizer").unwrap());
+        assert_eq!(generate(&with).unwrap(), generate(&args("hub")).unwrap());
+    }
+
+    #[test]
+    fn bad_options_are_errors() {
+        let mut a = args("hub");
+        a.temperature = -1.0;
+        assert!(format!("{:#}", generate(&a).unwrap_err()).contains("--temperature"));
+        let mut a = args("hub");
+        a.top_k = Some(0);
+        assert!(format!("{:#}", generate(&a).unwrap_err()).contains("--top-k"));
+        let mut a = args("hub");
+        a.prompt.clear();
+        assert!(format!("{:#}", generate(&a).unwrap_err()).contains("--prompt is empty"));
+        let mut a = args("hub");
+        a.model = asset_dir("minilm").unwrap();
+        assert!(format!("{:#}", generate(&a).unwrap_err()).contains("model_type"));
+    }
 }

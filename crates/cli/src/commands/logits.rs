@@ -58,6 +58,12 @@ fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {
 /// Prints `{"ids": [...], "logits": [[...], ...]}`, one row of vocabulary logits per
 /// position.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    println!("{}", logits(&args)?);
+    Ok(())
+}
+
+/// The output object of `mics logits`.
+fn logits(args: &Args) -> anyhow::Result<serde_json::Value> {
     let ids = parse_ids(&args.ids)?;
     let model_type = check_model_type(&args.model, &["gpt2", "bert"])?;
     let device = Default::default();
@@ -101,6 +107,74 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e:?}"))
         .context("reading the logits")?;
     let rows: Vec<&[f32]> = values.chunks(vocab).collect();
-    println!("{}", serde_json::json!({ "ids": ids, "logits": rows }));
-    Ok(())
+    Ok(serde_json::json!({ "ids": ids, "logits": rows }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mics_hub::assets::asset_dir;
+
+    fn tiny(variant: &str) -> PathBuf {
+        asset_dir("tiny-gpt2")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .join(variant)
+    }
+
+    fn run_on(model: PathBuf, ids: &str) -> anyhow::Result<serde_json::Value> {
+        logits(&Args {
+            model,
+            ids: ids.into(),
+        })
+    }
+
+    #[test]
+    fn parses_ids() {
+        assert_eq!(parse_ids("5,17,88").unwrap(), [5, 17, 88]);
+        assert_eq!(parse_ids(" 5, 17").unwrap(), [5, 17]);
+        for bad in ["", "5,,6", "x", "-1", "5;6"] {
+            assert!(parse_ids(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn gpt2_layouts_give_the_same_logits() {
+        let hub = run_on(tiny("hub"), "15496,995,11").unwrap();
+        let saved = run_on(tiny("save_pretrained"), "15496,995,11").unwrap();
+        assert_eq!(hub, saved);
+        assert_eq!(hub["ids"], serde_json::json!([15496, 995, 11]));
+        let rows = hub["logits"].as_array().unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].as_array().unwrap().len(), 50257);
+    }
+
+    #[test]
+    fn bert_gives_masked_lm_logits() {
+        let dir = asset_dir("minilm").unwrap_or_else(|e| panic!("{e}"));
+        let out = run_on(dir, "101,2023,102").unwrap();
+        let rows = out["logits"].as_array().unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].as_array().unwrap().len(), 30522);
+    }
+
+    #[test]
+    fn bad_input_is_a_one_line_error() {
+        for (model, ids, expected) in [
+            (tiny("hub"), "50257", "outside the vocabulary"),
+            (
+                tiny("hub"),
+                &"1,".repeat(65)[..129],
+                "more than the model's 64 positions",
+            ),
+            (tiny("hub"), "1,b", "\"b\" is not a token id"),
+            (
+                PathBuf::from("/nonexistent"),
+                "1",
+                "/nonexistent/config.json",
+            ),
+        ] {
+            let err = format!("{:#}", run_on(model, ids).unwrap_err());
+            assert!(err.contains(expected) && !err.contains('\n'), "{err}");
+        }
+    }
 }
