@@ -61,6 +61,11 @@ pub struct Args {
 
 /// Runs `mics plan`.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    emit(&output(args)?)
+}
+
+/// What `mics plan` prints (and the plot it draws), or the error.
+fn output(args: Args) -> anyhow::Result<String> {
     let model = ModelSpec::resolve(&args.model)?;
     let cluster = ClusterSpec::preset(&args.cluster)?;
     let choice: StrategyChoice = args.strategy.parse()?;
@@ -117,7 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 writeln!(out, "plot written to {}", path.display())?;
             }
         }
-        return emit(&out);
+        return Ok(out);
     }
     if args.plot.is_some() {
         bail!("--plot draws a weak-scaling sweep: give --sweep-gpus too");
@@ -147,7 +152,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         render_table(&planner, &plan)
     };
-    emit(&out)
+    Ok(out)
 }
 
 /// Writes to stdout; a closed pipe (`mics plan ... | head`) is not an error.
@@ -159,5 +164,87 @@ fn emit(text: &str) -> anyhow::Result<()> {
     {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         result => result.context("cannot write to stdout"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn run_with(argv: &[&str]) -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(std::iter::once("plan").chain(argv.iter().copied()))?;
+        output(cli.args).map(drop)
+    }
+
+    fn one_line_error(argv: &[&str]) -> String {
+        let message = format!("{:#}", run_with(argv).unwrap_err());
+        assert!(!message.contains('\n'), "{message}");
+        message
+    }
+
+    #[test]
+    fn bad_inputs_fail_with_one_line_naming_the_problem() {
+        let e = one_line_error(&["--model", "gpt-7", "--gpus", "8"]);
+        assert!(e.starts_with("unknown model `gpt-7`"), "{e}");
+        let e = one_line_error(&["--model", "gpt2-124m", "--gpus", "8", "--cluster", "tpu"]);
+        assert!(e.starts_with("unknown cluster `tpu`"), "{e}");
+        let e = one_line_error(&["--model", "gpt2-124m", "--gpus", "12"]);
+        assert!(
+            e.contains("12 GPUs is not a whole number of nodes of 8"),
+            "{e}"
+        );
+        let e = one_line_error(&["--model", "gpt2-124m", "--gpus", "8", "--strategy", "zero4"]);
+        assert!(e.starts_with("unknown strategy `zero4`"), "{e}");
+        let dir = std::env::temp_dir().join(format!("mics-plan-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("config.json");
+        std::fs::write(&config, "{\"n_embd\": 768,,}").unwrap();
+        let e = one_line_error(&["--model", config.to_str().unwrap(), "--gpus", "8"]);
+        assert!(e.starts_with("malformed model config"), "{e}");
+        let e = one_line_error(&["--model", "bert-base", "--gpus", "8", "--plot", "x.png"]);
+        assert!(e.contains("--sweep-gpus"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn every_preset_plans_and_a_sweep_draws_a_png() {
+        for model in mics_planner::MODEL_PRESETS {
+            for cluster in mics_planner::CLUSTER_PRESETS {
+                let argv = [
+                    "--model",
+                    model,
+                    "--gpus",
+                    "64",
+                    "--cluster",
+                    cluster,
+                    "--json",
+                ];
+                run_with(&argv).unwrap();
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("mics-plan-png-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = dir.join("sweep.png");
+        let argv = [
+            "--model",
+            "gpt-100b",
+            "--micro-batch",
+            "2",
+            "--sweep-gpus",
+            "128,256,512",
+            "--plot",
+            png.to_str().unwrap(),
+        ];
+        run_with(&argv).unwrap();
+        assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
