@@ -12,11 +12,14 @@ use burn::nn::attention::{
 use burn::nn::{
     Embedding, EmbeddingConfig, Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
+use burn::optim::SgdConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use common::*;
-use mics_backend::PrefetchConfig;
+use mics_backend::{PrefetchConfig, ShardedOptimizer};
 
 const TOL: f32 = 1e-5;
 
@@ -254,4 +257,23 @@ fn prefetch_gives_the_same_result_and_hits() {
         "prefetch: worst relative error {worst:e}, counters {:?}",
         ranks[0].counters
     );
+}
+
+#[test]
+fn sgd_with_momentum_parity() {
+    let sgd = || {
+        SgdConfig::new()
+            .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
+            .with_weight_decay(Some(WeightDecayConfig::new(0.01)))
+    };
+    for (n, k, p, s) in [(4, 2, 4, 3), (8, 2, 4, 2)] {
+        let c = cfg(n, k, p, s);
+        let reference = reference_with(&GptTask, c, None, sgd().init::<Ref, TinyGpt<Ref>>());
+        let ranks = distributed_with(&GptTask, c, None, PrefetchConfig::disabled(), |rt| {
+            ShardedOptimizer::sgd(&sgd(), rt)
+        });
+        let worst = assert_parity(&reference, &ranks, TOL);
+        assert_collective_counts(&ranks, GPT_PARAMS, c, false);
+        eprintln!("sgd {c:?}: worst relative error {worst:e}");
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer, SimpleOptimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 use mics_backend::{
@@ -93,9 +93,19 @@ pub const LR: f64 = 1e-2;
 /// One process, global batch N*b*s per step, Burn's AdamW, optional global
 /// norm clipping applied to the gradients before the step.
 pub fn reference<T: Task>(task: &T, c: Config, clip: Option<f32>) -> Run {
+    let optim = optimizer_config().init::<Ref, T::Model<Ref>>();
+    reference_with(task, c, clip, optim)
+}
+
+/// [`reference`] with another of Burn's optimizers.
+pub fn reference_with<T: Task, O: Optimizer<T::Model<Ref>, Ref>>(
+    task: &T,
+    c: Config,
+    clip: Option<f32>,
+    mut optim: O,
+) -> Run {
     let device = Default::default();
     let mut model = task.init::<Ref>(&device).map(&mut DetInit(0));
-    let mut optim = optimizer_config().init::<Ref, T::Model<Ref>>();
     let global = c.n * c.b * c.s;
     let mut losses = Vec::new();
     for step in 0..c.steps {
@@ -185,6 +195,19 @@ pub fn distributed<T: Task>(
     clip: Option<f32>,
     prefetch: PrefetchConfig,
 ) -> Vec<RankRun> {
+    distributed_with(task, c, clip, prefetch, |runtime| {
+        ShardedOptimizer::adamw(&optimizer_config(), runtime)
+    })
+}
+
+/// [`distributed`] with another sharded optimizer.
+pub fn distributed_with<T: Task, O: SimpleOptimizer<NdArray>>(
+    task: &T,
+    c: Config,
+    clip: Option<f32>,
+    prefetch: PrefetchConfig,
+    make_optim: impl Fn(&Arc<MicsRuntime>) -> ShardedOptimizer<NdArray, O> + Sync,
+) -> Vec<RankRun> {
     let topology = Topology::new(c.n, c.k, c.p).unwrap();
     ThreadsEngine::new(c.n)
         .ranks_per_node(c.k)
@@ -195,7 +218,7 @@ pub fn distributed<T: Task>(
             let device = Default::default();
             let model = task.init::<Dist>(&device).map(&mut DetInit(0));
             let mut model = shard_module(model, &runtime, ShardInit::Identical);
-            let mut optim = ShardedOptimizer::adamw(&optimizer_config(), &runtime);
+            let mut optim = make_optim(&runtime);
             if let Some(max) = clip {
                 optim = optim.with_grad_clip_norm(max);
             }
