@@ -287,3 +287,17 @@ fn one_backward_pass_gives_every_parameter_a_gradient() {
     });
     assert_eq!(seen, params);
 }
+
+#[test]
+fn generated_fixture_matches_the_committed_reference() {
+    // The cached files come from the committed script: if the script changes, the
+    // committed reference must be regenerated with it (`--reference`).
+    let path = asset_dir("tiny-gpt2")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .join("reference.json");
+    let generated: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert!(
+        generated == reference(),
+        "rerun make_tiny_gpt2.py into $MICS_CACHE/tiny-gpt2"
+    );
+}

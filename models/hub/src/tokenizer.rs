@@ -136,3 +136,18 @@ impl TextTokenizer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_without_tokenizer_files_is_an_error() {
+        let err = TextTokenizer::from_dir(std::env::temp_dir().join("mics-no-tokenizer-here"))
+            .unwrap_err();
+        assert!(err.to_string().contains("mics-no-tokenizer-here"), "{err}");
+        let err = TextTokenizer::gpt2_bpe("/nonexistent/vocab.json", "/nonexistent/merges.txt")
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vocab.json"), "{err}");
+    }
+}
