@@ -37,6 +37,17 @@ pub(crate) fn release_gathered() {
 
 fn gather<B: Backend>(tensor: ShardedTensor<B>) -> B::FloatTensorPrimitive {
     let param = &tensor.param;
+    if param.sharding.parts() == 1 {
+        // A partition group of one holds the whole parameter: no collective,
+        // no copy.
+        let counters = &param.runtime.counters;
+        counters.gathers.fetch_add(1, Ordering::Relaxed);
+        counters
+            .bytes_gathered
+            .fetch_add(param.full_bytes(), Ordering::Relaxed);
+        let full = B::float_reshape(param.shard.clone(), param.shape.clone());
+        return tensor.views.iter().fold(full, |t, view| view.apply::<B>(t));
+    }
     let runtime = param.runtime.clone();
     let bytes = param.full_bytes();
     let full = match runtime.prefetcher.take(param.id, &runtime.counters) {
