@@ -1,4 +1,94 @@
 //! `Mics<B>`: MiCS sharded data parallelism as a Burn backend decorator.
+//!
+//! Train any Burn model on `Autodiff<Mics<B>>`: [`shard_module`] splits each
+//! float parameter over this rank's *partition group* (p ranks, each keeping
+//! `ceil(numel/p)` elements), the forward and backward passes gather a
+//! parameter inside its group right before an op computes on it and drop it
+//! after, and [`ShardedOptimizer`] syncs gradients in two hops (reduce-scatter
+//! inside the partition group every micro-step, one all-reduce across the
+//! replication group per optimizer step) and runs Burn's own AdamW or SGD on
+//! the shards. [`gather_module`] gives back a plain module for export.
+//!
+//! # Design
+//!
+//! - The float primitive ([`MicsTensor`]) is a local tensor of `B` or a
+//!   sharded parameter: this rank's padded shard, the logical shape, the
+//!   parameter id and an `Arc` to the rank's [`MicsRuntime`] (its groups,
+//!   prefetcher and counters). Int, bool and quantized primitives are `B`'s.
+//! - View ops (reshape, swap_dims/transpose, permute, slice/narrow,
+//!   unsqueeze/squeeze, expand) on a sharded parameter stay lazy, so what
+//!   Autodiff saves for backward is the shard handle; every other op gathers
+//!   (`gather.rs`) and applies the views to the gathered tensor.
+//! - The delegation of Burn's ~370 ops is generated (`gen/delegate.py` →
+//!   `src/ops/delegate.rs`); the few ops written by hand are in `ops/manual.rs`.
+//! - Prefetch ([`PrefetchConfig`]): the first step records the order of
+//!   gathers; later steps gather ahead within a depth and a byte budget, and
+//!   fall back to on-demand gathers when the order changes.
+//! - Counters per rank ([`Counters`]): gathers, prefetch hits and misses,
+//!   bytes gathered, live and peak live gathered bytes, shard bytes.
+//!
+//! Every rank of a partition group must run the same program (the same ops
+//! on the same parameters, in the same order), as with any ZeRO-3-style
+//! sharding: gathers are collectives. A failed collective panics with the
+//! engine's error (Burn's ops cannot return errors).
+//!
+//! # Example: shard and train a custom model on 4 ranks (p = 2)
+//!
+//! ```
+//! use std::sync::Arc;
+//!
+//! use burn::backend::{Autodiff, NdArray};
+//! use burn::module::Module;
+//! use burn::nn::{Linear, LinearConfig, Relu};
+//! use burn::optim::AdamWConfig;
+//! use burn::tensor::{Tensor, backend::Backend};
+//! use mics_backend::{Mics, MicsRuntime, ShardInit, ShardedOptimizer, gather_module, shard_module};
+//! use mics_comm::{Communicator, MicsGroups, ThreadsEngine, Topology};
+//!
+//! #[derive(Module, Debug)]
+//! struct Mlp<B: Backend> {
+//!     a: Linear<B>,
+//!     b: Linear<B>,
+//!     act: Relu,
+//! }
+//!
+//! impl<B: Backend> Mlp<B> {
+//!     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+//!         self.b.forward(self.act.forward(self.a.forward(x)))
+//!     }
+//! }
+//!
+//! type B = Autodiff<Mics<NdArray>>;
+//!
+//! let topology = Topology::new(4, 4, 2).unwrap();
+//! let ranks = ThreadsEngine::new(4).run(|world| {
+//!     let world: Arc<dyn Communicator> = Arc::new(world);
+//!     let rank = world.rank();
+//!     let runtime = MicsRuntime::new(MicsGroups::new(world, topology).unwrap());
+//!     let device = Default::default();
+//!     B::seed(&device, 42); // the same initial values on every rank
+//!     let model = Mlp {
+//!         a: LinearConfig::new(3, 8).init::<B>(&device),
+//!         b: LinearConfig::new(8, 1).init(&device),
+//!         act: Relu::new(),
+//!     };
+//!     let mut model = shard_module(model, &runtime, ShardInit::BroadcastFromGroupRoot);
+//!     let mut optim = ShardedOptimizer::adamw(&AdamWConfig::new(), &runtime);
+//!     for step in 0..3 {
+//!         runtime.begin_step();
+//!         let x = Tensor::<B, 2>::ones([2, 3], &device) * (rank + step) as f32;
+//!         let loss = model.forward(x).powi_scalar(2).mean();
+//!         optim.accumulate(&model, loss.backward()); // one micro-step
+//!         model = optim.step(1e-3, model); // the accumulation boundary
+//!     }
+//!     assert!(runtime.counters().shard_bytes < (3 * 8 + 8 + 8 + 1) * 4);
+//!     let plain = gather_module(model); // full parameters, e.g. to save
+//!     assert_eq!(plain.a.weight.val().dims(), [3, 8]);
+//! });
+//! for rank in ranks.unwrap() {
+//!     rank.unwrap(); // a rank that panicked reports its message here
+//! }
+//! ```
 
 mod backend;
 mod gather;
