@@ -14,7 +14,10 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamW, AdamWConfig, LearningRate, Sgd, SgdConfig, SimpleOptimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use mics_comm::{Collectives, ReduceOp, Sharding, Work, reduce_scatter_padded};
+use mics_comm::{Collectives, ReduceOp, Sharding, Work};
+
+/// Default gradient bucket: 32 MiB of full `f32` gradients.
+pub const DEFAULT_BUCKET_BYTES: usize = 32 << 20;
 
 use crate::gather::{local, primitive_to_vec};
 use crate::shard::sharded_value;
@@ -27,6 +30,7 @@ pub struct ShardedOptimizer<B: Backend, O: SimpleOptimizer<B>> {
     optim: O,
     runtime: Arc<MicsRuntime>,
     clip_norm: Option<f32>,
+    bucket_bytes: usize,
     accum: HashMap<ParamId, Vec<f32>>,
     states: HashMap<ParamId, O::State<1>>,
     micro_steps: usize,
@@ -54,6 +58,7 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             optim,
             runtime: runtime.clone(),
             clip_norm: None,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
             accum: HashMap::new(),
             states: HashMap::new(),
             micro_steps: 0,
@@ -64,6 +69,15 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
     /// model), the same on every rank.
     pub fn with_grad_clip_norm(mut self, max_norm: f32) -> Self {
         self.clip_norm = Some(max_norm);
+        self
+    }
+
+    /// Pack gradients into buckets of at most `bytes` (full `f32` gradients,
+    /// in module order; a larger parameter is a bucket alone): one
+    /// reduce-scatter per bucket per micro-step and one all-reduce per bucket
+    /// per step. 0 gives one bucket per parameter.
+    pub fn with_bucket_bytes(mut self, bytes: usize) -> Self {
+        self.bucket_bytes = bytes;
         self
     }
 
@@ -82,18 +96,43 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
     {
         let mut collector = GradCollector::<AB> {
             grads: &mut grads,
-            runtime: &self.runtime,
-            pending: Vec::new(),
+            full: Vec::new(),
         };
         module.visit(&mut collector);
-        for (id, work) in collector.pending {
-            let shard = work
+        let partition = self.runtime.groups().partition();
+        let p = partition.size();
+        let mut pending = Vec::new();
+        for bucket in buckets(&collector.full, self.bucket_bytes, |g| g.1.len()) {
+            let shardings: Vec<Sharding> = bucket
+                .iter()
+                .map(|&i| Sharding::new(collector.full[i].1.len(), p))
+                .collect();
+            // Rank j's chunk is the concatenation of its shard of every parameter.
+            let mut buffer = Vec::with_capacity(shardings.iter().map(Sharding::padded_len).sum());
+            for part in 0..p {
+                for (&i, sharding) in bucket.iter().zip(&shardings) {
+                    let full = &collector.full[i].1;
+                    let range = sharding.range(part);
+                    let len = range.len();
+                    buffer.extend_from_slice(&full[range]);
+                    buffer.resize(buffer.len() + sharding.shard_len() - len, 0.0);
+                }
+            }
+            let ids: Vec<ParamId> = bucket.iter().map(|&i| collector.full[i].0).collect();
+            let lens: Vec<usize> = shardings.iter().map(Sharding::shard_len).collect();
+            pending.push((ids, lens, partition.reduce_scatter(buffer, ReduceOp::Sum)));
+        }
+        drop(collector);
+        for (ids, lens, work) in pending {
+            let shards = work
                 .wait()
-                .unwrap_or_else(|err| panic!("mics: reduce-scatter of {id} failed: {err}"));
-            match self.accum.get_mut(&id) {
-                Some(acc) => acc.iter_mut().zip(&shard).for_each(|(a, g)| *a += g),
-                None => {
-                    self.accum.insert(id, shard);
+                .unwrap_or_else(|err| panic!("mics: gradient reduce-scatter failed: {err}"));
+            for (id, shard) in ids.into_iter().zip(split(&shards, &lens)) {
+                match self.accum.get_mut(&id) {
+                    Some(acc) => acc.iter_mut().zip(shard).for_each(|(a, g)| *a += g),
+                    None => {
+                        self.accum.insert(id, shard.to_vec());
+                    }
                 }
             }
         }
@@ -115,29 +154,42 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
         let mut params = ParamCollector::<B>(Vec::new());
         module.visit(&mut params);
         let replication = self.runtime.groups().replication();
-        let pending: Vec<(ParamId, Work<Vec<f32>>)> = params
+        let accumulated: Vec<Vec<f32>> = params
             .0
             .iter()
             .map(|(id, _)| {
-                let acc = self
-                    .accum
+                self.accum
                     .remove(id)
-                    .unwrap_or_else(|| panic!("mics: parameter {id} has no accumulated gradient"));
-                (*id, replication.all_reduce(acc, ReduceOp::Sum))
+                    .unwrap_or_else(|| panic!("mics: parameter {id} has no accumulated gradient"))
+            })
+            .collect();
+        let p = self.runtime.partition_size();
+        let groups = buckets(&accumulated, self.bucket_bytes / p.max(1), Vec::len);
+        let pending: Vec<(Vec<usize>, Work<Vec<f32>>)> = groups
+            .into_iter()
+            .map(|bucket| {
+                let buffer: Vec<f32> = bucket
+                    .iter()
+                    .flat_map(|&i| accumulated[i].iter().copied())
+                    .collect();
+                let lens = bucket.iter().map(|&i| accumulated[i].len()).collect();
+                (lens, replication.all_reduce(buffer, ReduceOp::Sum))
             })
             .collect();
         let world = self.runtime.groups().world().size();
         let scale = 1.0 / (world * self.micro_steps) as f32;
-        let mut grads: Vec<Vec<f32>> = pending
-            .into_iter()
-            .map(|(id, work)| {
-                let mut g = work
-                    .wait()
-                    .unwrap_or_else(|err| panic!("mics: all-reduce of {id} failed: {err}"));
-                g.iter_mut().for_each(|x| *x *= scale);
-                g
-            })
-            .collect();
+        let mut grads: Vec<Vec<f32>> = Vec::with_capacity(accumulated.len());
+        for (lens, work) in pending {
+            let summed = work
+                .wait()
+                .unwrap_or_else(|err| panic!("mics: gradient all-reduce failed: {err}"));
+            grads.extend(
+                split(&summed, &lens)
+                    .into_iter()
+                    .map(|g| g.iter().map(|x| x * scale).collect::<Vec<f32>>()),
+            );
+        }
+        drop(accumulated);
         if let Some(max_norm) = self.clip_norm {
             let coef = self.clip_coefficient(&grads, max_norm);
             if coef < 1.0 {
@@ -200,10 +252,10 @@ fn sharded_of<B: Backend, AB: AutodiffBackend<InnerBackend = Mics<B>>, const D: 
     }
 }
 
+/// Full gradients on the host, in module order (missing ones are zeros).
 struct GradCollector<'a, AB: AutodiffBackend> {
     grads: &'a mut AB::Gradients,
-    runtime: &'a Arc<MicsRuntime>,
-    pending: Vec<(ParamId, Work<Vec<f32>>)>,
+    full: Vec<(ParamId, Vec<f32>)>,
 }
 
 impl<B, AB> ModuleVisitor<AB> for GradCollector<'_, AB>
@@ -218,13 +270,39 @@ where
             Some(grad) => primitive_to_vec::<B>(local(grad.into_primitive().tensor())),
             None => vec![0.0; numel],
         };
-        let partition = self.runtime.groups().partition();
-        let sharding = Sharding::new(numel, partition.size());
-        self.pending.push((
-            param.id,
-            reduce_scatter_padded(partition.as_ref(), full, sharding, ReduceOp::Sum),
-        ));
+        self.full.push((param.id, full));
     }
+}
+
+/// Consecutive items packed into groups of at most `max_bytes` of `f32`s
+/// (an item larger than that alone); `max_bytes == 0`: one item per group.
+fn buckets<T>(items: &[T], max_bytes: usize, len: impl Fn(&T) -> usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut bytes = 0;
+    for (i, item) in items.iter().enumerate() {
+        let b = len(item) * 4;
+        match out.last_mut() {
+            Some(last) if max_bytes > 0 && bytes + b <= max_bytes => {
+                last.push(i);
+                bytes += b;
+            }
+            _ => {
+                out.push(vec![i]);
+                bytes = b;
+            }
+        }
+    }
+    out
+}
+
+fn split<'a>(buffer: &'a [f32], lens: &[usize]) -> Vec<&'a [f32]> {
+    let mut at = 0;
+    lens.iter()
+        .map(|&len| {
+            at += len;
+            &buffer[at - len..at]
+        })
+        .collect()
 }
 
 struct ParamCollector<B: Backend>(Vec<(ParamId, ShardedTensor<B>)>);

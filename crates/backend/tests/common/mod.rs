@@ -290,9 +290,9 @@ pub fn assert_parity(reference: &Run, ranks: &[RankRun], tol: f32) -> f32 {
     worst
 }
 
-/// Reduce-scatters = params × s per step, replication all-reduces = params
+/// Reduce-scatters = buckets × s per step, replication all-reduces = buckets
 /// per step (+1 partition all-reduce per step for the clipping norm).
-pub fn assert_collective_counts(ranks: &[RankRun], params: usize, c: Config, clip: bool) {
+pub fn assert_collective_counts(ranks: &[RankRun], buckets: usize, c: Config, clip: bool) {
     for (r, rank) in ranks.iter().enumerate() {
         for (step, (ps, rs)) in rank
             .partition_stats
@@ -303,12 +303,12 @@ pub fn assert_collective_counts(ranks: &[RankRun], params: usize, c: Config, cli
             let steps = (step + 1) as u64;
             assert_eq!(
                 ps.calls(CollectiveKind::ReduceScatter),
-                steps * (params * c.s) as u64,
+                steps * (buckets * c.s) as u64,
                 "rank {r} step {step}: partition reduce-scatters"
             );
             assert_eq!(
                 rs.calls(CollectiveKind::AllReduce),
-                steps * params as u64,
+                steps * buckets as u64,
                 "rank {r} step {step}: replication all-reduces"
             );
             assert_eq!(
