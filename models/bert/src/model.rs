@@ -9,6 +9,15 @@ use mics_hub::modules::{init_embedding, init_layer_norm, init_linear};
 /// representable in half precision and makes their weight exactly zero).
 const MASKED_SCORE: f32 = -10_000.0;
 
+/// `layer` applied to `[batch, seq, d_in]` as one `[batch * seq, d_in]` matrix
+/// product (one large GEMM instead of a batch of small ones).
+fn dense<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [batch, seq, d_in] = x.dims();
+    let y = layer.forward(x.reshape([batch * seq, d_in]));
+    let d_out = y.dims()[1];
+    y.reshape([batch, seq, d_out])
+}
+
 /// Word, position and token-type embeddings followed by a layer norm
 /// (`embeddings.*`).
 #[derive(Module, Debug)]
@@ -68,9 +77,9 @@ impl<B: Backend> BertAttention<B> {
             t.reshape([batch, seq, self.n_heads, head_dim])
                 .swap_dims(1, 2)
         };
-        let q = heads(self.query.forward(x.clone()));
-        let k = heads(self.key.forward(x.clone()));
-        let v = heads(self.value.forward(x.clone()));
+        let q = heads(dense(&self.query, x.clone()));
+        let k = heads(dense(&self.key, x.clone()));
+        let v = heads(dense(&self.value, x.clone()));
         let mut scores = q
             .matmul(k.swap_dims(2, 3))
             .div_scalar((head_dim as f64).sqrt());
@@ -81,7 +90,7 @@ impl<B: Backend> BertAttention<B> {
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch, seq, hidden]);
-        self.output_norm.forward(self.output.forward(context) + x)
+        self.output_norm.forward(dense(&self.output, context) + x)
     }
 }
 
@@ -105,8 +114,8 @@ impl<B: Backend> BertLayer<B> {
     /// `[batch, seq, hidden]` to `[batch, seq, hidden]`.
     pub fn forward(&self, x: Tensor<B, 3>, score_bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
         let x = self.attention.forward(x, score_bias);
-        let h = self.activation.apply(self.intermediate.forward(x.clone()));
-        self.output_norm.forward(self.output.forward(h) + x)
+        let h = self.activation.apply(dense(&self.intermediate, x.clone()));
+        self.output_norm.forward(dense(&self.output, h) + x)
     }
 }
 
@@ -252,7 +261,7 @@ impl<B: Backend> BertLmHead<B> {
         let [batch, seq, d] = hidden.dims();
         let h = self
             .layer_norm
-            .forward(self.activation.apply(self.dense.forward(hidden)));
+            .forward(self.activation.apply(dense(&self.dense, hidden)));
         let vocab = word_embeddings.dims()[0];
         let logits = h
             .reshape([batch * seq, d])

@@ -9,6 +9,15 @@ use crate::config::{Activation, Gpt2Config};
 /// zero, and the value is representable in half precision.
 const MASKED_SCORE: f32 = -10_000.0;
 
+/// `layer` applied to `[batch, seq, d_in]` as one `[batch * seq, d_in]` matrix
+/// product (one large GEMM instead of a batch of small ones).
+fn dense<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [batch, seq, d_in] = x.dims();
+    let y = layer.forward(x.reshape([batch * seq, d_in]));
+    let d_out = y.dims()[1];
+    y.reshape([batch, seq, d_out])
+}
+
 /// Causal self-attention (`attn.c_attn`, `attn.c_proj`).
 #[derive(Module, Debug)]
 pub struct Gpt2Attention<B: Backend> {
@@ -25,7 +34,7 @@ impl<B: Backend> Gpt2Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, causal_bias: Tensor<B, 2>) -> Tensor<B, 3> {
         let [batch, seq, d] = x.dims();
         let head_dim = d / self.n_head;
-        let qkv = self.c_attn.forward(x);
+        let qkv = dense(&self.c_attn, x);
         let heads = |i: usize| {
             qkv.clone()
                 .slice([0..batch, 0..seq, i * d..(i + 1) * d])
@@ -41,7 +50,7 @@ impl<B: Backend> Gpt2Attention<B> {
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch, seq, d]);
-        self.c_proj.forward(context)
+        dense(&self.c_proj, context)
     }
 }
 
@@ -61,7 +70,7 @@ impl<B: Backend> Gpt2Mlp<B> {
     /// `[batch, seq, n_embd]` to `[batch, seq, n_embd]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.c_proj
-            .forward(self.activation.apply(self.c_fc.forward(x)))
+            .forward(self.activation.apply(dense(&self.c_fc, x)))
     }
 }
 
