@@ -72,7 +72,7 @@
 //!         b: LinearConfig::new(8, 1).init(&device),
 //!         act: Relu::new(),
 //!     };
-//!     let mut model = shard_module(model, &runtime, ShardInit::BroadcastFromGroupRoot);
+//!     let mut model = shard_module(model, &runtime, ShardInit::BroadcastFromRank0);
 //!     let mut optim = ShardedOptimizer::adamw(&AdamWConfig::new(), &runtime);
 //!     for step in 0..3 {
 //!         runtime.begin_step();

@@ -21,8 +21,9 @@ pub enum ShardInit {
     /// or same checkpoint): each keeps its slice.
     #[default]
     Identical,
-    /// Rank 0 of each partition group broadcasts its values first.
-    BroadcastFromGroupRoot,
+    /// World rank 0 broadcasts its values first, so every partition group
+    /// (every replica) starts from the same parameters.
+    BroadcastFromRank0,
 }
 
 /// Shard every float parameter of `module` over this rank's partition group.
@@ -110,8 +111,9 @@ where
             let device = B::float_device(&t);
             let mut full = primitive_to_vec::<B>(t);
             let group = self.runtime.groups().partition();
-            if self.init == ShardInit::BroadcastFromGroupRoot {
-                full = group.broadcast(full, 0).wait().unwrap_or_else(|err| {
+            if self.init == ShardInit::BroadcastFromRank0 {
+                let world = self.runtime.groups().world();
+                full = world.broadcast(full, 0).wait().unwrap_or_else(|err| {
                     panic!("mics: broadcast of parameter {id} failed: {err}")
                 });
             }

@@ -93,3 +93,29 @@ fn views_stay_lazy_and_gather_correctly() {
         }
     }
 }
+
+#[test]
+fn broadcast_init_gives_every_rank_rank_0_values() {
+    let topology = Topology::new(4, 2, 2).unwrap();
+    let results = ThreadsEngine::new(4)
+        .ranks_per_node(2)
+        .run(|world| {
+            let world: Arc<dyn Communicator> = Arc::new(world);
+            let rank = world.rank();
+            let runtime = MicsRuntime::new(MicsGroups::new(world, topology).unwrap());
+            let device = Default::default();
+            let mine: Vec<f32> = values().iter().map(|v| v + rank as f32).collect();
+            let w = Tensor::<Dist, 3>::from_data(TensorData::new(mine, SHAPE), &device);
+            let holder = Holder {
+                w: Param::from_tensor(w.require_grad()),
+            };
+            let holder = shard_module(holder, &runtime, ShardInit::BroadcastFromRank0);
+            let plain = mics_backend::gather_module(holder);
+            assert!(!is_sharded(&plain.w.val()));
+            plain.w.val().into_data().into_vec::<f32>().unwrap()
+        })
+        .unwrap();
+    for rank in results {
+        assert_eq!(rank.unwrap(), values());
+    }
+}
