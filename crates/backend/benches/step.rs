@@ -112,9 +112,15 @@ fn plain_steps(rank: usize, steps: usize) -> Duration {
             start = Instant::now();
         }
         let at = (step * 8 + rank) * BATCH;
+        let t0 = Instant::now();
         let loss = model.loss(at..at + BATCH, &device);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = loss.backward();
+        let t1 = Instant::now();
+        let grads = GradientsParams::from_grads(grads, &model);
         model = optim.step(LR, model, grads);
+        if std::env::var("MICS_BENCH_SPLIT").is_ok() && step == steps && rank == 0 {
+            eprintln!("plain: fwd+bwd {:?} step {:?}", t1 - t0, t1.elapsed());
+        }
     }
     start.elapsed() / steps as u32
 }
@@ -142,9 +148,21 @@ fn mics_steps(
         }
         runtime.begin_step();
         let at = (step * 8 + rank) * BATCH;
+        let t0 = Instant::now();
         let loss = model.loss(at..at + BATCH, &device);
-        optim.accumulate(&model, loss.backward());
+        let grads = loss.backward();
+        let t1 = Instant::now();
+        optim.accumulate(&model, grads);
+        let t2 = Instant::now();
         model = optim.step(LR, model);
+        if std::env::var("MICS_BENCH_SPLIT").is_ok() && step == steps {
+            eprintln!(
+                "rank {rank}: fwd+bwd {:?} accumulate {:?} step {:?}",
+                t1 - t0,
+                t2 - t1,
+                t2.elapsed()
+            );
+        }
     }
     start.elapsed() / steps as u32
 }

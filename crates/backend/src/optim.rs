@@ -14,7 +14,7 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamW, AdamWConfig, LearningRate, Sgd, SgdConfig, SimpleOptimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use mics_comm::{Collectives, ReduceOp, Sharding, Work};
+use mics_comm::{Buffer, Collectives, ReduceOp, Sharding, Work};
 
 /// Default gradient bucket: 32 MiB of full `f32` gradients.
 pub const DEFAULT_BUCKET_BYTES: usize = 32 << 20;
@@ -120,7 +120,12 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             }
             let ids: Vec<ParamId> = bucket.iter().map(|&i| collector.full[i].0).collect();
             let lens: Vec<usize> = shardings.iter().map(Sharding::shard_len).collect();
-            pending.push((ids, lens, partition.reduce_scatter(buffer, ReduceOp::Sum)));
+            let work = if p == 1 {
+                done(buffer)
+            } else {
+                partition.reduce_scatter(buffer, ReduceOp::Sum)
+            };
+            pending.push((ids, lens, work));
         }
         drop(collector);
         for (ids, lens, work) in pending {
@@ -173,7 +178,12 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
                     .flat_map(|&i| accumulated[i].iter().copied())
                     .collect();
                 let lens = bucket.iter().map(|&i| accumulated[i].len()).collect();
-                (lens, replication.all_reduce(buffer, ReduceOp::Sum))
+                let work = if replication.size() == 1 {
+                    done(buffer)
+                } else {
+                    replication.all_reduce(buffer, ReduceOp::Sum)
+                };
+                (lens, work)
             })
             .collect();
         let world = self.runtime.groups().world().size();
@@ -293,6 +303,15 @@ fn buckets<T>(items: &[T], max_bytes: usize, len: impl Fn(&T) -> usize) -> Vec<V
         }
     }
     out
+}
+
+/// A completed `Work`: what a collective over a group of one returns, without
+/// going through the engine.
+fn done(values: Vec<f32>) -> Work<Vec<f32>> {
+    Work::ready(Ok(Buffer::F32(values))).map(|buffer| match buffer {
+        Buffer::F32(values) => Ok(values),
+        _ => unreachable!("built as f32"),
+    })
 }
 
 fn split<'a>(buffer: &'a [f32], lens: &[usize]) -> Vec<&'a [f32]> {
