@@ -89,6 +89,12 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
     /// One micro-step: reduce-scatter each parameter's gradient inside the
     /// partition group and accumulate this rank's shard. `grads` comes from
     /// `loss.backward()` with the loss averaged over the local micro-batch.
+    ///
+    /// Gradient memory: Burn 0.21 (without its `distributed` feature) hands
+    /// over the gradients when backward has finished, so this rank holds one
+    /// full copy of the model's gradients at that point; they move to the host
+    /// buckets one parameter at a time and each full gradient is freed once
+    /// packed. What stays between micro-steps is the accumulated shard, 1/p.
     pub fn accumulate<AB, M>(&mut self, module: &M, mut grads: AB::Gradients)
     where
         AB: AutodiffBackend<InnerBackend = Mics<B>>,
@@ -117,6 +123,10 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
                     buffer.extend_from_slice(&full[range]);
                     buffer.resize(buffer.len() + sharding.shard_len() - len, 0.0);
                 }
+            }
+            for &i in &bucket {
+                // Packed: this full gradient is no longer needed.
+                collector.full[i].1 = Vec::new();
             }
             let ids: Vec<ParamId> = bucket.iter().map(|&i| collector.full[i].0).collect();
             let lens: Vec<usize> = shardings.iter().map(Sharding::shard_len).collect();
