@@ -209,6 +209,76 @@ impl fmt::Display for OpDesc {
     }
 }
 
+impl OpDesc {
+    /// The description of a collective queued before its input is known; the
+    /// engine fills in element type and length when the input arrives.
+    pub(crate) fn queued(
+        kind: CollectiveKind,
+        op: Option<ReduceOp>,
+        root: Option<usize>,
+    ) -> OpDesc {
+        OpDesc {
+            kind,
+            dtype: None,
+            len: 0,
+            op,
+            root,
+        }
+    }
+}
+
+/// Where a queued collective's input comes from.
+pub(crate) enum Input {
+    /// No payload (barrier).
+    None,
+    /// A buffer the caller passed.
+    Ready(Buffer),
+    /// The result of another collective, waited for on the engine's thread.
+    Later(Work),
+}
+
+/// The collective methods of [`Communicator`] for an engine that queues every
+/// collective through `fn submit(&self, desc: OpDesc, input: Input) -> Work`.
+macro_rules! queued_collectives {
+    () => {
+        fn all_gather_buffer(&self, input: $crate::Buffer) -> $crate::Work {
+            let d = $crate::OpDesc::queued($crate::CollectiveKind::AllGather, None, None);
+            self.submit(d, $crate::communicator::Input::Ready(input))
+        }
+
+        fn all_gather_deferred(&self, input: $crate::Work) -> $crate::Work {
+            let d = $crate::OpDesc::queued($crate::CollectiveKind::AllGather, None, None);
+            self.submit(d, $crate::communicator::Input::Later(input))
+        }
+
+        fn reduce_scatter_buffer(
+            &self,
+            input: $crate::Buffer,
+            op: $crate::ReduceOp,
+        ) -> $crate::Work {
+            let d = $crate::OpDesc::queued($crate::CollectiveKind::ReduceScatter, Some(op), None);
+            self.submit(d, $crate::communicator::Input::Ready(input))
+        }
+
+        fn all_reduce_buffer(&self, input: $crate::Buffer, op: $crate::ReduceOp) -> $crate::Work {
+            let d = $crate::OpDesc::queued($crate::CollectiveKind::AllReduce, Some(op), None);
+            self.submit(d, $crate::communicator::Input::Ready(input))
+        }
+
+        fn broadcast_buffer(&self, input: $crate::Buffer, root: usize) -> $crate::Work {
+            let d = $crate::OpDesc::queued($crate::CollectiveKind::Broadcast, None, Some(root));
+            self.submit(d, $crate::communicator::Input::Ready(input))
+        }
+
+        fn barrier(&self) -> $crate::Work<()> {
+            let d = $crate::OpDesc::queued($crate::CollectiveKind::Barrier, None, None);
+            self.submit(d, $crate::communicator::Input::None)
+                .map(|_| Ok(()))
+        }
+    };
+}
+pub(crate) use queued_collectives;
+
 /// Checks arguments that are wrong on their own, before communicating.
 pub fn validate_local(desc: &OpDesc, size: usize) -> Result<(), CommError> {
     match desc.kind {

@@ -95,7 +95,7 @@ use ::mpi::request::{Request, Scope};
 use ::mpi::topology::{Color, SimpleCommunicator};
 use ::mpi::traits::{Communicator as _, CommunicatorCollectives, Equivalence, Root};
 
-use crate::communicator::{OpDesc, check_matching, validate_local};
+use crate::communicator::{Input, OpDesc, check_matching, validate_local};
 use crate::reduce::{concat, reduce_range};
 use crate::stats::ring_bytes;
 use crate::work::AbortFn;
@@ -328,13 +328,6 @@ impl std::fmt::Debug for MpiComm {
     }
 }
 
-/// Where a collective's input comes from.
-enum Input {
-    None,
-    Ready(Buffer),
-    Later(Work),
-}
-
 /// What the caller's side knows of a collective when it queues it.
 struct Call {
     id: usize,
@@ -437,7 +430,7 @@ impl MpiComm {
                 id: self.id,
                 seq,
                 rank: self.rank,
-                desc: desc(CollectiveKind::Split, None, None),
+                desc: OpDesc::queued(CollectiveKind::Split, None, None),
                 nodes: self.nodes.clone(),
                 color,
                 key,
@@ -458,16 +451,6 @@ impl MpiComm {
             made.nodes,
             self.threading,
         ))
-    }
-}
-
-fn desc(kind: CollectiveKind, op: Option<ReduceOp>, root: Option<usize>) -> OpDesc {
-    OpDesc {
-        kind,
-        dtype: None,
-        len: 0,
-        op,
-        root,
     }
 }
 
@@ -492,35 +475,7 @@ impl Communicator for MpiComm {
         self.shared.timeout
     }
 
-    fn all_gather_buffer(&self, input: Buffer) -> Work {
-        let d = desc(CollectiveKind::AllGather, None, None);
-        self.submit(d, Input::Ready(input))
-    }
-
-    fn all_gather_deferred(&self, input: Work) -> Work {
-        let d = desc(CollectiveKind::AllGather, None, None);
-        self.submit(d, Input::Later(input))
-    }
-
-    fn reduce_scatter_buffer(&self, input: Buffer, op: ReduceOp) -> Work {
-        let d = desc(CollectiveKind::ReduceScatter, Some(op), None);
-        self.submit(d, Input::Ready(input))
-    }
-
-    fn all_reduce_buffer(&self, input: Buffer, op: ReduceOp) -> Work {
-        let d = desc(CollectiveKind::AllReduce, Some(op), None);
-        self.submit(d, Input::Ready(input))
-    }
-
-    fn broadcast_buffer(&self, input: Buffer, root: usize) -> Work {
-        let d = desc(CollectiveKind::Broadcast, None, Some(root));
-        self.submit(d, Input::Ready(input))
-    }
-
-    fn barrier(&self) -> Work<()> {
-        let d = desc(CollectiveKind::Barrier, None, None);
-        self.submit(d, Input::None).map(|_| Ok(()))
-    }
+    crate::communicator::queued_collectives!();
 
     fn split(&self, color: usize, key: usize) -> Result<Arc<dyn Communicator>, CommError> {
         Ok(Arc::new(self.split_mpi(color, key)?))

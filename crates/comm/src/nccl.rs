@@ -80,7 +80,7 @@ use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut, DriverErr
 use cudarc::nccl::result::{self as nccl, NcclError};
 use cudarc::nccl::sys;
 
-use crate::communicator::{OpDesc, check_matching, validate_local};
+use crate::communicator::{Input, OpDesc, check_matching, validate_local};
 use crate::stats::ring_bytes;
 use crate::work::AbortFn;
 use crate::{Buffer, CollectiveKind, CommError, CommStats, Communicator, DType, ReduceOp, Work};
@@ -1511,23 +1511,6 @@ impl NcclComm {
     }
 }
 
-/// Where a collective's input comes from.
-enum Input {
-    None,
-    Ready(Buffer),
-    Later(Work),
-}
-
-fn desc(kind: CollectiveKind, op: Option<ReduceOp>, root: Option<usize>) -> OpDesc {
-    OpDesc {
-        kind,
-        dtype: None,
-        len: 0,
-        op,
-        root,
-    }
-}
-
 impl Communicator for NcclComm {
     fn rank(&self) -> usize {
         self.rank
@@ -1549,35 +1532,7 @@ impl Communicator for NcclComm {
         self.timeout
     }
 
-    fn all_gather_buffer(&self, input: Buffer) -> Work {
-        let d = desc(CollectiveKind::AllGather, None, None);
-        self.submit(d, Input::Ready(input))
-    }
-
-    fn all_gather_deferred(&self, input: Work) -> Work {
-        let d = desc(CollectiveKind::AllGather, None, None);
-        self.submit(d, Input::Later(input))
-    }
-
-    fn reduce_scatter_buffer(&self, input: Buffer, op: ReduceOp) -> Work {
-        let d = desc(CollectiveKind::ReduceScatter, Some(op), None);
-        self.submit(d, Input::Ready(input))
-    }
-
-    fn all_reduce_buffer(&self, input: Buffer, op: ReduceOp) -> Work {
-        let d = desc(CollectiveKind::AllReduce, Some(op), None);
-        self.submit(d, Input::Ready(input))
-    }
-
-    fn broadcast_buffer(&self, input: Buffer, root: usize) -> Work {
-        let d = desc(CollectiveKind::Broadcast, None, Some(root));
-        self.submit(d, Input::Ready(input))
-    }
-
-    fn barrier(&self) -> Work<()> {
-        let d = desc(CollectiveKind::Barrier, None, None);
-        self.submit(d, Input::None).map(|_| Ok(()))
-    }
+    crate::communicator::queued_collectives!();
 
     fn split(&self, color: usize, key: usize) -> Result<Arc<dyn Communicator>, CommError> {
         Ok(Arc::new(self.split_nccl(color, key)?))

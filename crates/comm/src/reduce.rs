@@ -67,7 +67,11 @@ fn reduce_typed<E: Element>(
     op: ReduceOp,
 ) -> Vec<E> {
     let mut acc: Vec<f32> = output_vec(range.len());
-    acc.extend(typed::<E>(inputs[0])[range.clone()].iter().map(|x| x.to_f32()));
+    acc.extend(
+        typed::<E>(inputs[0])[range.clone()]
+            .iter()
+            .map(|x| x.to_f32()),
+    );
     for input in &inputs[1..] {
         let src = &typed::<E>(input)[range.clone()];
         match op {

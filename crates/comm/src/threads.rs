@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::communicator::{OpDesc, check_matching, validate_local};
+use crate::communicator::{Input, OpDesc, check_matching, validate_local};
 use crate::reduce::{concat, reduce_range};
 use crate::stats::ring_bytes;
 use crate::work::AbortFn;
@@ -555,23 +555,6 @@ impl ThreadComm {
     }
 }
 
-/// Where a collective's input comes from.
-enum Input {
-    None,
-    Ready(Buffer),
-    Later(Work),
-}
-
-fn desc(kind: CollectiveKind, op: Option<ReduceOp>, root: Option<usize>) -> OpDesc {
-    OpDesc {
-        kind,
-        dtype: None,
-        len: 0,
-        op,
-        root,
-    }
-}
-
 impl Communicator for ThreadComm {
     fn rank(&self) -> usize {
         self.rank
@@ -593,35 +576,7 @@ impl Communicator for ThreadComm {
         self.group.timeout
     }
 
-    fn all_gather_buffer(&self, input: Buffer) -> Work {
-        let d = desc(CollectiveKind::AllGather, None, None);
-        self.submit(d, Input::Ready(input))
-    }
-
-    fn all_gather_deferred(&self, input: Work) -> Work {
-        let d = desc(CollectiveKind::AllGather, None, None);
-        self.submit(d, Input::Later(input))
-    }
-
-    fn reduce_scatter_buffer(&self, input: Buffer, op: ReduceOp) -> Work {
-        let d = desc(CollectiveKind::ReduceScatter, Some(op), None);
-        self.submit(d, Input::Ready(input))
-    }
-
-    fn all_reduce_buffer(&self, input: Buffer, op: ReduceOp) -> Work {
-        let d = desc(CollectiveKind::AllReduce, Some(op), None);
-        self.submit(d, Input::Ready(input))
-    }
-
-    fn broadcast_buffer(&self, input: Buffer, root: usize) -> Work {
-        let d = desc(CollectiveKind::Broadcast, None, Some(root));
-        self.submit(d, Input::Ready(input))
-    }
-
-    fn barrier(&self) -> Work<()> {
-        let d = desc(CollectiveKind::Barrier, None, None);
-        self.submit(d, Input::None).map(|_| Ok(()))
-    }
+    crate::communicator::queued_collectives!();
 
     fn split(&self, color: usize, key: usize) -> Result<Arc<dyn Communicator>, CommError> {
         let split = self.split_threads(color, key)?;
@@ -638,7 +593,7 @@ impl ThreadComm {
     pub fn split_threads(&self, color: usize, key: usize) -> Result<ThreadComm, CommError> {
         let (tx, rx) = mpsc::channel();
         let post = Post {
-            desc: desc(CollectiveKind::Split, None, None),
+            desc: OpDesc::queued(CollectiveKind::Split, None, None),
             data: None,
             color,
             key,
