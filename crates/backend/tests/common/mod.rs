@@ -3,6 +3,8 @@
 //! engine, on the same global batches.
 #![allow(dead_code)]
 
+pub mod tasks;
+
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -208,59 +210,71 @@ pub fn distributed_with<T: Task, O: SimpleOptimizer<NdArray>>(
     prefetch: PrefetchConfig,
     make_optim: impl Fn(&Arc<MicsRuntime>) -> ShardedOptimizer<NdArray, O> + Sync,
 ) -> Vec<RankRun> {
-    let topology = Topology::new(c.n, c.k, c.p).unwrap();
     ThreadsEngine::new(c.n)
         .ranks_per_node(c.k)
-        .run(|world| {
-            let world: Arc<dyn Communicator> = Arc::new(world);
-            let groups = MicsGroups::new(world.clone(), topology).unwrap();
-            let runtime = MicsRuntime::with_prefetch(groups, prefetch);
-            let device = Default::default();
-            let model = task.init::<Dist>(&device).map(&mut DetInit(0));
-            let mut model = shard_module(model, &runtime, ShardInit::Identical);
-            let mut optim = make_optim(&runtime);
-            if let Some(max) = clip {
-                optim = optim.with_grad_clip_norm(max);
-            }
-            let global = c.n * c.b * c.s;
-            let rank = world.rank();
-            let mut losses = Vec::new();
-            let mut partition_stats = Vec::new();
-            let mut replication_stats = Vec::new();
-            for step in 0..c.steps {
-                runtime.begin_step();
-                let mut loss_sum = 0.0f32;
-                for m in 0..c.s {
-                    let start = step * global + (m * c.n + rank) * c.b;
-                    let loss = task.loss(&model, start..start + c.b, &device);
-                    loss_sum += loss.clone().into_scalar();
-                    optim.accumulate(&model, loss.backward());
-                }
-                model = optim.step(LR, model);
-                partition_stats.push(runtime.groups().partition().stats());
-                replication_stats.push(runtime.groups().replication().stats());
-                let total = world
-                    .all_reduce(vec![loss_sum], ReduceOp::Sum)
-                    .wait()
-                    .unwrap();
-                losses.push(total[0] / (c.n * c.s) as f32);
-            }
-            let counters = runtime.counters();
-            let plain = gather_module(model);
-            RankRun {
-                run: Run {
-                    losses,
-                    params: param_values(&plain),
-                },
-                counters,
-                partition_stats,
-                replication_stats,
-            }
-        })
+        .run(|world| rank_run(task, c, clip, prefetch, &make_optim, Arc::new(world)))
         .unwrap()
         .into_iter()
         .map(|r| r.unwrap())
         .collect()
+}
+
+/// One rank's part of [`distributed_with`], on any engine's world
+/// communicator (the threads engine here, MPI in `examples/mpi_parity.rs`).
+/// The world must have `c.n` ranks laid out `c.k` per node.
+pub fn rank_run<T: Task, O: SimpleOptimizer<NdArray>>(
+    task: &T,
+    c: Config,
+    clip: Option<f32>,
+    prefetch: PrefetchConfig,
+    make_optim: impl Fn(&Arc<MicsRuntime>) -> ShardedOptimizer<NdArray, O>,
+    world: Arc<dyn Communicator>,
+) -> RankRun {
+    assert_eq!(world.size(), c.n, "world size");
+    let topology = Topology::new(c.n, c.k, c.p).unwrap();
+    let groups = MicsGroups::new(world.clone(), topology).unwrap();
+    let runtime = MicsRuntime::with_prefetch(groups, prefetch);
+    let device = Default::default();
+    let model = task.init::<Dist>(&device).map(&mut DetInit(0));
+    let mut model = shard_module(model, &runtime, ShardInit::Identical);
+    let mut optim = make_optim(&runtime);
+    if let Some(max) = clip {
+        optim = optim.with_grad_clip_norm(max);
+    }
+    let global = c.n * c.b * c.s;
+    let rank = world.rank();
+    let mut losses = Vec::new();
+    let mut partition_stats = Vec::new();
+    let mut replication_stats = Vec::new();
+    for step in 0..c.steps {
+        runtime.begin_step();
+        let mut loss_sum = 0.0f32;
+        for m in 0..c.s {
+            let start = step * global + (m * c.n + rank) * c.b;
+            let loss = task.loss(&model, start..start + c.b, &device);
+            loss_sum += loss.clone().into_scalar();
+            optim.accumulate(&model, loss.backward());
+        }
+        model = optim.step(LR, model);
+        partition_stats.push(runtime.groups().partition().stats());
+        replication_stats.push(runtime.groups().replication().stats());
+        let total = world
+            .all_reduce(vec![loss_sum], ReduceOp::Sum)
+            .wait()
+            .unwrap();
+        losses.push(total[0] / (c.n * c.s) as f32);
+    }
+    let counters = runtime.counters();
+    let plain = gather_module(model);
+    RankRun {
+        run: Run {
+            losses,
+            params: param_values(&plain),
+        },
+        counters,
+        partition_stats,
+        replication_stats,
+    }
 }
 
 /// max |a - b| / max |b|, per tensor.
