@@ -62,7 +62,13 @@ impl ThreadsEngine {
         self
     }
 
-    /// An artificial delay added to every collective, as a network would.
+    /// An artificial per-collective latency, as a network would add: a
+    /// collective completes no earlier than `latency` after its input was
+    /// handed to the engine. The latencies of collectives queued on one
+    /// communicator overlap (a pipelined link: several messages in flight),
+    /// while their data exchange still runs one at a time in issue order;
+    /// a collective issued only after the previous one was waited for pays
+    /// the full latency again.
     pub fn latency(mut self, latency: Duration) -> ThreadsEngine {
         self.latency = latency;
         self
@@ -384,10 +390,22 @@ impl Group {
         }
     }
 
-    /// Runs collective `seq` for `rank` (on the rank's worker thread).
-    fn execute(&self, seq: u64, rank: usize, post: Post) -> Result<Buffer, CommError> {
+    /// Runs collective `seq` for `rank` (on the rank's worker thread), not
+    /// before `latency` has passed since `sent`, the time its input was
+    /// handed to the engine.
+    fn execute(
+        &self,
+        seq: u64,
+        rank: usize,
+        post: Post,
+        sent: Instant,
+    ) -> Result<Buffer, CommError> {
         if !self.latency.is_zero() {
-            std::thread::sleep(self.latency);
+            let arrives = sent + self.latency;
+            let now = Instant::now();
+            if arrives > now {
+                std::thread::sleep(arrives - now);
+            }
         }
         let posts = self.rendezvous(seq, rank, post)?;
         let result = self.combine(seq, rank, &posts);
@@ -507,12 +525,19 @@ impl ThreadComm {
         let group = self.group.clone();
         let stats = self.stats.clone();
         let rank = self.rank;
+        // The latency runs from the moment the input is on its way: the
+        // issue for a ready input, the end of the wait for a later one.
+        let issued = Instant::now();
         let job: Job = Box::new(move || {
+            let mut on_wire = issued;
             let data = match input {
                 Input::None => None,
                 Input::Ready(buffer) => Some(buffer),
                 Input::Later(pending) => match pending.wait() {
-                    Ok(buffer) => Some(buffer),
+                    Ok(buffer) => {
+                        on_wire = Instant::now();
+                        Some(buffer)
+                    }
                     Err(err) => {
                         // The peers will wait for this rank: fail them too.
                         group.poison(err.clone());
@@ -543,7 +568,7 @@ impl ThreadComm {
                 color: 0,
                 key: 0,
             };
-            done.complete(group.execute(seq, rank, post));
+            done.complete(group.execute(seq, rank, post, on_wire));
         });
         match &issuer.jobs {
             Some(jobs) if jobs.send(job).is_ok() => work,
