@@ -4,7 +4,7 @@
 use crate::cluster::ClusterSpec;
 use crate::collective::{Collective, CommCost, Group, hierarchical_all_gather, ring};
 use crate::error::PlanError;
-use crate::memory::{GRAD_BYTES, MemoryBreakdown, PARAM_BYTES, memory};
+use crate::memory::{MemoryBreakdown, PARAM_BYTES, memory};
 use crate::model::ModelSpec;
 
 /// A data-parallel strategy.
@@ -148,6 +148,7 @@ pub struct Planner {
     model: ModelSpec,
     cluster: ClusterSpec,
     config: TrainConfig,
+    element_bytes: f64,
 }
 
 impl Planner {
@@ -187,7 +188,16 @@ impl Planner {
             model,
             cluster,
             config,
+            element_bytes: PARAM_BYTES,
         })
+    }
+
+    /// Bytes per element of the parameters and gradients that the collectives
+    /// move (default [`PARAM_BYTES`], 16-bit mixed precision; 4 for an fp32
+    /// run such as the CPU calibration). The memory model is unaffected.
+    pub fn with_element_bytes(mut self, bytes: f64) -> Self {
+        self.element_bytes = bytes;
+        self
     }
 
     /// The model.
@@ -265,7 +275,7 @@ impl Planner {
     fn per_tensor(&self, tensors: &[u64], scale: f64, cost: impl Fn(f64) -> CommCost) -> CommCost {
         tensors
             .iter()
-            .map(|&numel| cost(numel as f64 * PARAM_BYTES * scale))
+            .map(|&numel| cost(numel as f64 * self.element_bytes * scale))
             .fold(CommCost::default(), |a, b| a + b)
     }
 
@@ -302,7 +312,7 @@ impl Planner {
 
         let tensors = model.all_tensors();
         let layer = model.layer_tensors();
-        let psi_bytes = model.params() as f64 * GRAD_BYTES;
+        let psi_bytes = model.params() as f64 * self.element_bytes;
 
         // Per micro-step: gathers in forward, gathers in backward, reductions in
         // backward; per step: reductions of the last micro-step, exposed work

@@ -1,5 +1,6 @@
 //! One module per subcommand: each has its `Args` and a `run` function.
 
+pub mod calibrate;
 pub mod collectives;
 pub mod embed;
 pub mod generate;

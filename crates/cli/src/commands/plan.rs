@@ -6,6 +6,8 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+
+use super::calibrate;
 use mics_planner::{
     ClusterSpec, JsonPlan, ModelSpec, Planner, StrategyChoice, TrainConfig, plot_sweep,
     render_table, sweep,
@@ -16,8 +18,8 @@ use mics_planner::{
 pub struct Args {
     /// Model preset (gpt2-124m, gpt2-350m, gpt2-1.5b, bert-base, bert-large,
     /// bert-10b, bert-20b, gpt-100b, gpt-175b) or a Hugging Face config.json.
-    #[arg(long)]
-    model: String,
+    #[arg(long, required_unless_present = "calibrate")]
+    model: Option<String>,
     /// World size N (not needed with --sweep-gpus).
     #[arg(long)]
     gpus: Option<u64>,
@@ -57,6 +59,12 @@ pub struct Args {
     /// Draw the sweep (throughput per GPU and efficiency vs GPUs) to this PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Calibrate the time model on this machine: measure the in-process
+    /// engine's collectives and NdArray's throughput, predict the step time of
+    /// small real MiCS trainings, run them and compare (other flags but
+    /// --json are ignored). Build with --release.
+    #[arg(long)]
+    calibrate: bool,
 }
 
 /// Runs `mics plan`.
@@ -66,7 +74,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// What `mics plan` prints (and the plot it draws), or the error.
 fn output(args: Args) -> anyhow::Result<String> {
-    let model = ModelSpec::resolve(&args.model)?;
+    if args.calibrate {
+        let report = calibrate::calibrate(&calibrate::Setup::standard())?;
+        return Ok(if args.json {
+            format!(
+                "{}\n",
+                serde_json::to_string_pretty(&calibrate::to_json(&report))?
+            )
+        } else {
+            calibrate::render(&report)
+        });
+    }
+    let Some(model) = &args.model else {
+        bail!("give --model NAME (or --calibrate)");
+    };
+    let model = ModelSpec::resolve(model)?;
     let cluster = ClusterSpec::preset(&args.cluster)?;
     let choice: StrategyChoice = args.strategy.parse()?;
     let config = TrainConfig {
