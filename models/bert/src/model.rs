@@ -3,20 +3,11 @@ use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::{Int, Tensor, TensorData, activation, backend::Backend};
 
 use crate::config::{Activation, BertConfig};
-use mics_hub::modules::{init_embedding, init_layer_norm, init_linear};
+use mics_hub::modules::{dense, init_embedding, init_layer_norm, init_linear};
 
 /// Added to the attention scores of padded keys (what the original BERT uses; it is
 /// representable in half precision and makes their weight exactly zero).
 const MASKED_SCORE: f32 = -10_000.0;
-
-/// `layer` applied to `[batch, seq, d_in]` as one `[batch * seq, d_in]` matrix
-/// product (one large GEMM instead of a batch of small ones).
-fn dense<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    let [batch, seq, d_in] = x.dims();
-    let y = layer.forward(x.reshape([batch * seq, d_in]));
-    let d_out = y.dims()[1];
-    y.reshape([batch, seq, d_out])
-}
 
 /// Word, position and token-type embeddings followed by a layer norm
 /// (`embeddings.*`).

@@ -1,22 +1,13 @@
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::{Int, Tensor, TensorData, activation, backend::Backend};
-use mics_hub::modules::{init_embedding, init_layer_norm, init_linear};
+use mics_hub::modules::{dense, init_embedding, init_layer_norm, init_linear};
 
 use crate::config::{Activation, Gpt2Config};
 
 /// Added to the attention scores of future positions: their weight becomes exactly
 /// zero, and the value is representable in half precision.
 const MASKED_SCORE: f32 = -10_000.0;
-
-/// `layer` applied to `[batch, seq, d_in]` as one `[batch * seq, d_in]` matrix
-/// product (one large GEMM instead of a batch of small ones).
-fn dense<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    let [batch, seq, d_in] = x.dims();
-    let y = layer.forward(x.reshape([batch * seq, d_in]));
-    let d_out = y.dims()[1];
-    y.reshape([batch, seq, d_out])
-}
 
 /// Causal self-attention (`attn.c_attn`, `attn.c_proj`).
 #[derive(Module, Debug)]

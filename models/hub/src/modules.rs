@@ -223,3 +223,12 @@ fn abbreviate(keys: &[String]) -> String {
     }
     text
 }
+
+/// `layer` applied to `[batch, seq, d_in]` as one `[batch * seq, d_in]` matrix
+/// product (one large GEMM instead of a batch of small ones).
+pub fn dense<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [batch, seq, d_in] = x.dims();
+    let y = layer.forward(x.reshape([batch * seq, d_in]));
+    let d_out = y.dims()[1];
+    y.reshape([batch, seq, d_out])
+}
