@@ -97,10 +97,12 @@ mod optim;
 mod prefetch;
 mod runtime;
 mod shard;
+mod state;
 mod tensor;
 
 pub use backend::Mics;
 pub use optim::ShardedOptimizer;
 pub use runtime::{Counters, MicsRuntime, PrefetchConfig};
 pub use shard::{ShardInit, gather_module, shard_module};
+pub use state::{ParamShardState, StateError};
 pub use tensor::{MicsTensor, ShardedTensor};

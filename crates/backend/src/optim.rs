@@ -31,9 +31,11 @@ pub struct ShardedOptimizer<B: Backend, O: SimpleOptimizer<B>> {
     runtime: Arc<MicsRuntime>,
     clip_norm: Option<f32>,
     bucket_bytes: usize,
-    accum: HashMap<ParamId, Vec<f32>>,
-    states: HashMap<ParamId, O::State<1>>,
-    micro_steps: usize,
+    pub(crate) accum: HashMap<ParamId, Vec<f32>>,
+    pub(crate) states: HashMap<ParamId, O::State<1>>,
+    pub(crate) micro_steps: usize,
+    track_grad_norm: bool,
+    last_grad_norm: Option<f32>,
 }
 
 impl<B: Backend> ShardedOptimizer<B, AdamW> {
@@ -62,6 +64,8 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             accum: HashMap::new(),
             states: HashMap::new(),
             micro_steps: 0,
+            track_grad_norm: false,
+            last_grad_norm: None,
         }
     }
 
@@ -79,6 +83,20 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
     pub fn with_bucket_bytes(mut self, bytes: usize) -> Self {
         self.bucket_bytes = bytes;
         self
+    }
+
+    /// Compute the global gradient norm at every step even without clipping
+    /// (one more all-reduce of one float per step), for
+    /// [`last_grad_norm`](Self::last_grad_norm).
+    pub fn with_grad_norm_tracking(mut self) -> Self {
+        self.track_grad_norm = true;
+        self
+    }
+
+    /// The global L2 norm of the averaged gradient at the last step (before
+    /// clipping), when clipping or norm tracking is on.
+    pub fn last_grad_norm(&self) -> Option<f32> {
+        self.last_grad_norm
     }
 
     /// Micro-steps accumulated since the last optimizer step.
@@ -210,8 +228,13 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             );
         }
         drop(accumulated);
-        if let Some(max_norm) = self.clip_norm {
-            let coef = self.clip_coefficient(&grads, max_norm);
+        if self.clip_norm.is_some() || self.track_grad_norm {
+            let norm = self.global_norm(&grads);
+            self.last_grad_norm = Some(norm);
+            let coef = match self.clip_norm {
+                Some(max_norm) => (max_norm / (norm + f32::MIN_POSITIVE)).min(1.0),
+                None => 1.0,
+            };
             if coef < 1.0 {
                 grads
                     .iter_mut()
@@ -240,10 +263,10 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
         module.map(&mut Replacer { updated })
     }
 
-    /// `min(1, max_norm / (norm + tiny))` with the norm over all shards of all
-    /// parameters (replicas hold the same values after the all-reduce, so
-    /// summing inside the partition group covers the whole model once).
-    fn clip_coefficient(&self, grads: &[Vec<f32>], max_norm: f32) -> f32 {
+    /// The L2 norm over all shards of all parameters (replicas hold the same
+    /// values after the all-reduce, so summing inside the partition group
+    /// covers the whole model once), the same on every rank.
+    fn global_norm(&self, grads: &[Vec<f32>]) -> f32 {
         let local: f64 = grads
             .iter()
             .flat_map(|g| g.iter())
@@ -256,8 +279,7 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             .all_reduce(vec![local as f32], ReduceOp::Sum)
             .wait()
             .unwrap_or_else(|err| panic!("mics: all-reduce of the gradient norm failed: {err}"));
-        let norm = total[0].sqrt();
-        (max_norm / (norm + f32::MIN_POSITIVE)).min(1.0)
+        total[0].sqrt()
     }
 }
 
@@ -346,8 +368,8 @@ where
     }
 }
 
-struct Replacer<B: Backend> {
-    updated: HashMap<ParamId, MicsTensor<B>>,
+pub(crate) struct Replacer<B: Backend> {
+    pub(crate) updated: HashMap<ParamId, MicsTensor<B>>,
 }
 
 impl<B, AB> ModuleMapper<AB> for Replacer<B>
