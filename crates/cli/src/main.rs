@@ -24,6 +24,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Predict memory and step time of DDP, ZeRO-2, ZeRO-3 and MiCS on a cluster.
     Plan(commands::plan::Args),
+    /// Prepare tokenized datasets (`mics data prepare`).
+    Data(commands::data::Args),
 }
 
 fn main() {
@@ -34,6 +36,7 @@ fn main() {
         Command::Logits(args) => commands::logits::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Plan(args) => commands::plan::run(args),
+        Command::Data(args) => commands::data::run(args),
     };
     if let Err(err) = result {
         // One line for the error and its causes, and a non-zero exit.

@@ -2,6 +2,7 @@
 
 pub mod calibrate;
 pub mod collectives;
+pub mod data;
 pub mod embed;
 pub mod generate;
 pub mod logits;
