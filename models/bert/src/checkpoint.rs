@@ -12,7 +12,7 @@ use mics_hub::{Checkpoint, CheckpointWriter, FloatDType, HubError, config};
 
 use crate::config::BertConfig;
 use crate::model::{
-    BertAttention, BertEmbeddings, BertForMaskedLM, BertLayer, BertLmHead, BertModel,
+    BertAttention, BertEmbeddings, BertForMaskedLM, BertLayer, BertLmHead, BertModel, dropout,
 };
 
 const BERT_LINEAR: WeightLayout = WeightLayout::OutIn;
@@ -103,6 +103,7 @@ impl<B: Backend> BertModel<B> {
                 device,
             )?,
             layer_norm: load_layer_norm(ckpt, &format!("{p}embeddings.LayerNorm"), d, eps, device)?,
+            dropout: dropout(config.hidden_dropout_prob),
         };
         model.layers = (0..config.num_hidden_layers)
             .map(|i| {
@@ -145,6 +146,8 @@ impl<B: Backend> BertModel<B> {
                             device,
                         )?,
                         n_heads: config.num_attention_heads,
+                        probs_dropout: dropout(config.attention_probs_dropout_prob),
+                        output_dropout: dropout(config.hidden_dropout_prob),
                     },
                     intermediate: load_linear(
                         ckpt,
@@ -168,6 +171,7 @@ impl<B: Backend> BertModel<B> {
                         device,
                     )?,
                     activation,
+                    output_dropout: dropout(config.hidden_dropout_prob),
                 })
             })
             .collect::<Result<_, HubError>>()?;

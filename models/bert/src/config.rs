@@ -32,6 +32,14 @@ pub struct BertConfig {
     /// Id of the padding token.
     #[serde(default)]
     pub pad_token_id: u32,
+    /// Dropout probability on the embeddings' output and on the outputs of the
+    /// attention-output and feed-forward-output dense layers, before their residual
+    /// additions (0.1 when absent, as Hugging Face).
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    /// Dropout probability on the attention probabilities (0.1 when absent).
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
     /// Always `bert`.
     #[serde(default = "default_model_type")]
     pub model_type: String,
@@ -55,9 +63,24 @@ fn default_init() -> f64 {
 fn default_model_type() -> String {
     "bert".into()
 }
+/// Hugging Face's `BertConfig` default for both dropout probabilities.
+fn default_dropout() -> f64 {
+    0.1
+}
+
+/// A dropout probability must lie in `[0, 1)` (1 would zero everything and scale by
+/// infinity).
+fn check_probability(name: &str, p: f64) -> Result<(), String> {
+    if (0.0..1.0).contains(&p) {
+        Ok(())
+    } else {
+        Err(format!("{name} {p} is not a probability in [0, 1)"))
+    }
+}
 
 impl BertConfig {
-    /// A small configuration for tests: the given sizes, everything else default.
+    /// A small configuration for tests: the given sizes, no dropout, everything else
+    /// default.
     pub fn tiny(vocab_size: usize, hidden_size: usize, layers: usize, heads: usize) -> Self {
         BertConfig {
             vocab_size,
@@ -71,12 +94,24 @@ impl BertConfig {
             layer_norm_eps: 1e-12,
             initializer_range: 0.02,
             pad_token_id: 0,
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
             model_type: default_model_type(),
             extra: Default::default(),
         }
     }
 
-    /// Checks the sizes are consistent and the activation is known.
+    /// The same configuration with `hidden_dropout_prob` and
+    /// `attention_probs_dropout_prob` both set to `p` (checked by
+    /// [`BertConfig::validate`], which wants `0 <= p < 1`).
+    pub fn with_dropout(mut self, p: f64) -> Self {
+        self.hidden_dropout_prob = p;
+        self.attention_probs_dropout_prob = p;
+        self
+    }
+
+    /// Checks the sizes are consistent, the dropout probabilities lie in `[0, 1)` and
+    /// the activation is known.
     pub fn validate(&self) -> Result<Activation, String> {
         if self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)
@@ -86,6 +121,11 @@ impl BertConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
+        check_probability("hidden_dropout_prob", self.hidden_dropout_prob)?;
+        check_probability(
+            "attention_probs_dropout_prob",
+            self.attention_probs_dropout_prob,
+        )?;
         Activation::from_hf(&self.hidden_act)
     }
 }

@@ -1,5 +1,5 @@
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, LayerNorm, Linear};
+use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::tensor::{Int, Tensor, TensorData, activation, backend::Backend};
 
 use crate::config::{Activation, BertConfig};
@@ -9,7 +9,13 @@ use mics_hub::modules::{dense, init_embedding, init_layer_norm, init_linear};
 /// representable in half precision and makes their weight exactly zero).
 const MASKED_SCORE: f32 = -10_000.0;
 
-/// Word, position and token-type embeddings followed by a layer norm
+/// A dropout layer of probability `p` (a constant module: no parameters, active only
+/// on autodiff backends).
+pub(crate) fn dropout(p: f64) -> Dropout {
+    DropoutConfig::new(p).init()
+}
+
+/// Word, position and token-type embeddings followed by a layer norm and dropout
 /// (`embeddings.*`).
 #[derive(Module, Debug)]
 pub struct BertEmbeddings<B: Backend> {
@@ -21,6 +27,8 @@ pub struct BertEmbeddings<B: Backend> {
     pub token_type_embeddings: Embedding<B>,
     /// `embeddings.LayerNorm`.
     pub layer_norm: LayerNorm<B>,
+    /// `embeddings.dropout`: after the layer norm (`hidden_dropout_prob`).
+    pub dropout: Dropout,
 }
 
 impl<B: Backend> BertEmbeddings<B> {
@@ -36,7 +44,7 @@ impl<B: Backend> BertEmbeddings<B> {
         let x = self.word_embeddings.forward(input_ids)
             + self.position_embeddings.forward(positions)
             + self.token_type_embeddings.forward(token_type_ids);
-        self.layer_norm.forward(x)
+        self.dropout.forward(self.layer_norm.forward(x))
     }
 }
 
@@ -56,6 +64,12 @@ pub struct BertAttention<B: Backend> {
     pub output_norm: LayerNorm<B>,
     /// Number of heads.
     pub n_heads: usize,
+    /// `attention.self.dropout`: on the attention probabilities
+    /// (`attention_probs_dropout_prob`).
+    pub probs_dropout: Dropout,
+    /// `attention.output.dropout`: on the output of `attention.output.dense`, before
+    /// the residual addition (`hidden_dropout_prob`).
+    pub output_dropout: Dropout,
 }
 
 impl<B: Backend> BertAttention<B> {
@@ -77,11 +91,13 @@ impl<B: Backend> BertAttention<B> {
         if let Some(bias) = score_bias {
             scores = scores + bias;
         }
-        let context = activation::softmax(scores, 3)
+        let probs = self.probs_dropout.forward(activation::softmax(scores, 3));
+        let context = probs
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch, seq, hidden]);
-        self.output_norm.forward(dense(&self.output, context) + x)
+        let out = self.output_dropout.forward(dense(&self.output, context));
+        self.output_norm.forward(out + x)
     }
 }
 
@@ -99,6 +115,9 @@ pub struct BertLayer<B: Backend> {
     /// The feed-forward activation.
     #[module(skip)]
     pub activation: Activation,
+    /// `output.dropout`: on the output of `output.dense`, before the residual
+    /// addition (`hidden_dropout_prob`).
+    pub output_dropout: Dropout,
 }
 
 impl<B: Backend> BertLayer<B> {
@@ -106,7 +125,8 @@ impl<B: Backend> BertLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>, score_bias: Option<Tensor<B, 4>>) -> Tensor<B, 3> {
         let x = self.attention.forward(x, score_bias);
         let h = self.activation.apply(dense(&self.intermediate, x.clone()));
-        self.output_norm.forward(dense(&self.output, h) + x)
+        let out = self.output_dropout.forward(dense(&self.output, h));
+        self.output_norm.forward(out + x)
     }
 }
 
@@ -147,6 +167,7 @@ impl<B: Backend> BertModel<B> {
             position_embeddings: init_embedding([config.max_position_embeddings, d], std, device),
             token_type_embeddings: init_embedding([config.type_vocab_size, d], std, device),
             layer_norm: init_layer_norm(d, eps, device),
+            dropout: dropout(config.hidden_dropout_prob),
         };
         let layers = (0..config.num_hidden_layers)
             .map(|_| BertLayer {
@@ -157,11 +178,14 @@ impl<B: Backend> BertModel<B> {
                     output: init_linear([d, d], std, device),
                     output_norm: init_layer_norm(d, eps, device),
                     n_heads: config.num_attention_heads,
+                    probs_dropout: dropout(config.attention_probs_dropout_prob),
+                    output_dropout: dropout(config.hidden_dropout_prob),
                 },
                 intermediate: init_linear([d, config.intermediate_size], std, device),
                 output: init_linear([config.intermediate_size, d], std, device),
                 output_norm: init_layer_norm(d, eps, device),
                 activation,
+                output_dropout: dropout(config.hidden_dropout_prob),
             })
             .collect();
         BertModel {
@@ -170,6 +194,24 @@ impl<B: Backend> BertModel<B> {
             pooler: init_linear([d, d], std, device),
             config: config.clone(),
         }
+    }
+
+    /// The same model with `hidden_dropout_prob` and `attention_probs_dropout_prob`
+    /// both set to `p`, in its configuration and its dropout layers (the weights are
+    /// untouched).
+    ///
+    /// Dropout is active only on autodiff backends (training); `valid()` and
+    /// inference backends ignore it. Panics unless `0 <= p < 1`.
+    pub fn with_dropout(mut self, p: f64) -> Self {
+        self.config = self.config.with_dropout(p);
+        self.config.validate().expect("invalid dropout probability");
+        self.embeddings.dropout = dropout(p);
+        for layer in &mut self.layers {
+            layer.attention.probs_dropout = dropout(p);
+            layer.attention.output_dropout = dropout(p);
+            layer.output_dropout = dropout(p);
+        }
+        self
     }
 
     /// Runs the encoder on `[batch, seq]` ids.
@@ -278,6 +320,14 @@ impl<B: Backend> BertForMaskedLM<B> {
             bert: BertModel::init(config, device),
             head: BertLmHead::init(config, device),
         }
+    }
+
+    /// The same model with its encoder's dropout set to `p`
+    /// ([`BertModel::with_dropout`]; the masked-LM head has no dropout, as in Hugging
+    /// Face). Panics unless `0 <= p < 1`.
+    pub fn with_dropout(mut self, p: f64) -> Self {
+        self.bert = self.bert.with_dropout(p);
+        self
     }
 
     /// Masked-LM logits `[batch, seq, vocab]`.

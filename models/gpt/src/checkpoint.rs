@@ -10,7 +10,7 @@ use mics_hub::modules::{
 use mics_hub::{Checkpoint, CheckpointWriter, FloatDType, HubError, config};
 
 use crate::config::Gpt2Config;
-use crate::model::{Gpt2Attention, Gpt2Block, Gpt2LMHeadModel, Gpt2Mlp, Gpt2Model};
+use crate::model::{Gpt2Attention, Gpt2Block, Gpt2LMHeadModel, Gpt2Mlp, Gpt2Model, dropout};
 
 /// GPT-2's `Conv1D` stores weights `[in, out]`.
 const CONV1D: WeightLayout = WeightLayout::InOut;
@@ -101,6 +101,8 @@ impl<B: Backend> Gpt2LMHeadModel<B> {
                             device,
                         )?,
                         n_head: config.n_head,
+                        attn_dropout: dropout(config.attn_pdrop),
+                        resid_dropout: dropout(config.resid_pdrop),
                     },
                     ln_2: load_layer_norm(ckpt, &format!("{l}.ln_2"), d, eps, device)?,
                     mlp: Gpt2Mlp {
@@ -113,6 +115,7 @@ impl<B: Backend> Gpt2LMHeadModel<B> {
                             device,
                         )?,
                         activation,
+                        dropout: dropout(config.resid_pdrop),
                     },
                 })
             })
@@ -128,6 +131,7 @@ impl<B: Backend> Gpt2LMHeadModel<B> {
             )?,
             h,
             ln_f: load_layer_norm(ckpt, &format!("{p}ln_f"), d, eps, device)?,
+            drop: dropout(config.embd_pdrop),
         };
         if ckpt.contains(LM_HEAD) {
             let shape = [config.vocab_size, d];

@@ -27,6 +27,17 @@ pub struct Gpt2Config {
     /// Standard deviation of freshly initialised weights.
     #[serde(default = "default_init")]
     pub initializer_range: f64,
+    /// Dropout probability on the sum of token and position embeddings (0.1 when
+    /// absent, as Hugging Face).
+    #[serde(default = "default_pdrop")]
+    pub embd_pdrop: f64,
+    /// Dropout probability on the attention probabilities (0.1 when absent).
+    #[serde(default = "default_pdrop")]
+    pub attn_pdrop: f64,
+    /// Dropout probability on the outputs of `attn.c_proj` and `mlp.c_proj`, before
+    /// the residual additions (0.1 when absent).
+    #[serde(default = "default_pdrop")]
+    pub resid_pdrop: f64,
     /// Always `gpt2`.
     #[serde(default = "default_model_type")]
     pub model_type: String,
@@ -47,9 +58,14 @@ fn default_init() -> f64 {
 fn default_model_type() -> String {
     "gpt2".into()
 }
+/// Hugging Face's `GPT2Config` default for `embd_pdrop`, `attn_pdrop` and `resid_pdrop`.
+fn default_pdrop() -> f64 {
+    0.1
+}
 
 impl Gpt2Config {
-    /// A small configuration for tests: the given sizes, everything else default.
+    /// A small configuration for tests: the given sizes, no dropout, everything else
+    /// default.
     pub fn tiny(vocab_size: usize, n_embd: usize, n_layer: usize, n_head: usize) -> Self {
         Gpt2Config {
             vocab_size,
@@ -61,9 +77,21 @@ impl Gpt2Config {
             activation_function: default_act(),
             layer_norm_epsilon: default_eps(),
             initializer_range: default_init(),
+            embd_pdrop: 0.0,
+            attn_pdrop: 0.0,
+            resid_pdrop: 0.0,
             model_type: default_model_type(),
             extra: Default::default(),
         }
+    }
+
+    /// The same configuration with `embd_pdrop`, `attn_pdrop` and `resid_pdrop` all
+    /// set to `p` (checked by [`Gpt2Config::validate`], which wants `0 <= p < 1`).
+    pub fn with_dropout(mut self, p: f64) -> Self {
+        self.embd_pdrop = p;
+        self.attn_pdrop = p;
+        self.resid_pdrop = p;
+        self
     }
 
     /// The MLP width.
@@ -71,7 +99,8 @@ impl Gpt2Config {
         self.n_inner.unwrap_or(4 * self.n_embd)
     }
 
-    /// Checks the sizes are consistent and the activation is supported.
+    /// Checks the sizes are consistent, the dropout probabilities lie in `[0, 1)` and
+    /// the activation is supported.
     pub fn validate(&self) -> Result<Activation, String> {
         if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(format!(
@@ -79,12 +108,29 @@ impl Gpt2Config {
                 self.n_embd, self.n_head
             ));
         }
+        for (name, p) in [
+            ("embd_pdrop", self.embd_pdrop),
+            ("attn_pdrop", self.attn_pdrop),
+            ("resid_pdrop", self.resid_pdrop),
+        ] {
+            check_probability(name, p)?;
+        }
         match self.activation_function.as_str() {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
             "gelu" => Ok(Activation::Gelu),
             "relu" => Ok(Activation::Relu),
             other => Err(format!("unsupported activation_function `{other}`")),
         }
+    }
+}
+
+/// A dropout probability must lie in `[0, 1)` (1 would zero everything and scale by
+/// infinity).
+fn check_probability(name: &str, p: f64) -> Result<(), String> {
+    if (0.0..1.0).contains(&p) {
+        Ok(())
+    } else {
+        Err(format!("{name} {p} is not a probability in [0, 1)"))
     }
 }
 

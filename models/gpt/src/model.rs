@@ -1,5 +1,5 @@
 use burn::module::Module;
-use burn::nn::{Embedding, LayerNorm, Linear};
+use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
 use burn::tensor::{Int, Tensor, TensorData, activation, backend::Backend};
 use mics_hub::modules::{dense, init_embedding, init_layer_norm, init_linear};
 
@@ -8,6 +8,12 @@ use crate::config::{Activation, Gpt2Config};
 /// Added to the attention scores of future positions: their weight becomes exactly
 /// zero, and the value is representable in half precision.
 const MASKED_SCORE: f32 = -10_000.0;
+
+/// A dropout layer of probability `p` (a constant module: no parameters, active only
+/// on autodiff backends).
+pub(crate) fn dropout(p: f64) -> Dropout {
+    DropoutConfig::new(p).init()
+}
 
 /// Causal self-attention (`attn.c_attn`, `attn.c_proj`).
 #[derive(Module, Debug)]
@@ -18,6 +24,10 @@ pub struct Gpt2Attention<B: Backend> {
     pub c_proj: Linear<B>,
     /// Number of heads.
     pub n_head: usize,
+    /// `attn.attn_dropout`: on the attention probabilities (`attn_pdrop`).
+    pub attn_dropout: Dropout,
+    /// `attn.resid_dropout`: on the output of `c_proj` (`resid_pdrop`).
+    pub resid_dropout: Dropout,
 }
 
 impl<B: Backend> Gpt2Attention<B> {
@@ -37,11 +47,9 @@ impl<B: Backend> Gpt2Attention<B> {
             .matmul(k.swap_dims(2, 3))
             .div_scalar((head_dim as f64).sqrt())
             + causal_bias.unsqueeze::<4>();
-        let context = activation::softmax(scores, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch, seq, d]);
-        dense(&self.c_proj, context)
+        let probs = self.attn_dropout.forward(activation::softmax(scores, 3));
+        let context = probs.matmul(v).swap_dims(1, 2).reshape([batch, seq, d]);
+        self.resid_dropout.forward(dense(&self.c_proj, context))
     }
 }
 
@@ -55,13 +63,17 @@ pub struct Gpt2Mlp<B: Backend> {
     /// The activation between them.
     #[module(skip)]
     pub activation: Activation,
+    /// `mlp.dropout`: on the output of `c_proj` (`resid_pdrop`).
+    pub dropout: Dropout,
 }
 
 impl<B: Backend> Gpt2Mlp<B> {
     /// `[batch, seq, n_embd]` to `[batch, seq, n_embd]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.c_proj
-            .forward(self.activation.apply(dense(&self.c_fc, x)))
+        self.dropout.forward(
+            self.c_proj
+                .forward(self.activation.apply(dense(&self.c_fc, x))),
+        )
     }
 }
 
@@ -97,6 +109,8 @@ pub struct Gpt2Model<B: Backend> {
     pub h: Vec<Gpt2Block<B>>,
     /// `ln_f`.
     pub ln_f: LayerNorm<B>,
+    /// `drop`: on the sum of token and position embeddings (`embd_pdrop`).
+    pub drop: Dropout,
 }
 
 impl<B: Backend> Gpt2Model<B> {
@@ -112,7 +126,9 @@ impl<B: Backend> Gpt2Model<B> {
             "sequence of {seq} tokens is longer than n_positions {n_positions}"
         );
         let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device).unsqueeze::<2>();
-        let mut x = self.wte.forward(input_ids) + self.wpe.forward(positions);
+        let mut x = self
+            .drop
+            .forward(self.wte.forward(input_ids) + self.wpe.forward(positions));
         let bias = causal_bias::<B>(seq, &device);
         for block in &self.h {
             x = block.forward(x, bias.clone());
@@ -157,12 +173,15 @@ impl<B: Backend> Gpt2LMHeadModel<B> {
                     c_attn: init_linear([d, 3 * d], std, device),
                     c_proj: init_linear([d, d], std, device),
                     n_head: config.n_head,
+                    attn_dropout: dropout(config.attn_pdrop),
+                    resid_dropout: dropout(config.resid_pdrop),
                 },
                 ln_2: init_layer_norm(d, eps, device),
                 mlp: Gpt2Mlp {
                     c_fc: init_linear([d, config.inner()], std, device),
                     c_proj: init_linear([config.inner(), d], std, device),
                     activation,
+                    dropout: dropout(config.resid_pdrop),
                 },
             })
             .collect();
@@ -172,9 +191,28 @@ impl<B: Backend> Gpt2LMHeadModel<B> {
                 wpe: init_embedding([config.n_positions, d], 0.01, device),
                 h,
                 ln_f: init_layer_norm(d, eps, device),
+                drop: dropout(config.embd_pdrop),
             },
             config: config.clone(),
         }
+    }
+
+    /// The same model with `embd_pdrop`, `attn_pdrop` and `resid_pdrop` all set to `p`,
+    /// in its configuration and its dropout layers (the weights are untouched).
+    ///
+    /// Dropout is active only on autodiff backends (training); `valid()` and
+    /// inference backends ignore it. Panics unless `0 <= p < 1`.
+    pub fn with_dropout(mut self, p: f64) -> Self {
+        self.config = self.config.with_dropout(p);
+        self.config.validate().expect("invalid dropout probability");
+        let t = &mut self.transformer;
+        t.drop = dropout(p);
+        for block in &mut t.h {
+            block.attn.attn_dropout = dropout(p);
+            block.attn.resid_dropout = dropout(p);
+            block.mlp.dropout = dropout(p);
+        }
+        self
     }
 
     /// Next-token logits `[batch, seq, vocab_size]` of `[batch, seq]` ids.
