@@ -24,6 +24,10 @@ enum Command {
     Generate(commands::generate::Args),
     /// Predict memory and step time of DDP, ZeRO-2, ZeRO-3 and MiCS on a cluster.
     Plan(commands::plan::Args),
+    /// Train GPT-2 or BERT sharded with MiCS from a TOML config.
+    Train(commands::train::Args),
+    /// Write a sharded checkpoint as a Hugging Face-layout directory.
+    Export(commands::export::Args),
     /// Prepare tokenized datasets (`mics data prepare`).
     Data(commands::data::Args),
 }
@@ -36,6 +40,8 @@ fn main() {
         Command::Logits(args) => commands::logits::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Plan(args) => commands::plan::run(args),
+        Command::Train(args) => commands::train::run(args),
+        Command::Export(args) => commands::export::run(args),
         Command::Data(args) => commands::data::run(args),
     };
     if let Err(err) = result {

@@ -4,6 +4,8 @@ pub mod calibrate;
 pub mod collectives;
 pub mod data;
 pub mod embed;
+pub mod export;
 pub mod generate;
 pub mod logits;
 pub mod plan;
+pub mod train;

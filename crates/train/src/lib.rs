@@ -1,0 +1,139 @@
+//! The mics trainer: what `mics train` and `mics export` run.
+//!
+//! A run is described by a [`TrainConfig`] (a TOML file plus command-line
+//! [`Overrides`]). [`train`] prepares the token shards when they are missing
+//! (`mics-datasets`), builds the initial model once (from a seed or a Hugging
+//! Face checkpoint), starts one rank per thread (or joins `mpirun`'s
+//! processes), and on every rank shards the model with `mics-backend`, trains
+//! it with AdamW (warm-up + cosine decay, global-norm clipping) on that
+//! rank's share of each global batch, evaluates on the validation split, and
+//! writes sharded checkpoints from which `--resume` continues bit for bit.
+//! Rank 0 writes the metrics (JSON lines), the loss curve (PNG) and a summary.
+//! [`export`] turns a sharded checkpoint into a Hugging Face-layout
+//! directory that `mics embed`, `mics logits` and `mics generate` load.
+//!
+//! # The run directory
+//!
+//! ```text
+//! <output.dir>/
+//! ├── data/                     token shards (unless data.dataset points elsewhere)
+//! ├── metrics.jsonl             one line per step, plus one per evaluation
+//! ├── loss.png                  training and validation loss against steps
+//! ├── summary.json              final losses, throughput, unigram baseline
+//! └── checkpoints/
+//!     ├── latest                name of the newest complete checkpoint
+//!     └── step-000100/
+//!         ├── index.json        step, topology, sampler position, model config
+//!         ├── tokenizer.json
+//!         └── rank-00000.safetensors ...   shard + optimizer state per rank
+//! ```
+//!
+//! # Reproducibility
+//!
+//! The global batch of step t depends only on the seed, t and N·b·s, so
+//! runs with different (N, p, k, s) and the same global batch see the same
+//! samples and, without dropout, reach the same losses to float tolerance.
+//! Resuming restores the shards and AdamW moments exactly and continues the
+//! sampler at the saved step: the losses after a resume are bit-identical to
+//! an uninterrupted run. Dropout masks come from the backend's random
+//! generator, reseeded from (seed, step, rank) every step; NdArray's
+//! generator is process-wide, so with dropout > 0 and several ranks in one
+//! process the masks depend on thread timing (a world of one, or one process
+//! per rank under MPI, stays reproducible).
+
+#![warn(missing_docs)]
+
+mod checkpoint;
+mod config;
+mod export;
+mod metrics;
+mod model;
+mod run;
+mod schedule;
+
+use std::path::PathBuf;
+
+pub use checkpoint::{CheckpointIndex, resolve_checkpoint};
+pub use config::{
+    DataConfig, EngineKind, ModelConfig, ModelType, OptimConfig, OutputConfig, Overrides,
+    ParallelConfig, TrainConfig,
+};
+pub use export::export;
+pub use metrics::{StepMetrics, read_metrics};
+pub use model::ModelSpec;
+pub use run::{NOT_RANK_ZERO, TrainSummary, train};
+pub use schedule::learning_rate;
+
+/// Everything that can stop a run, each naming the file, key, value or rank
+/// at fault. One line each.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The config file cannot be read or parsed.
+    #[error("config {}: {problem}", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line when known.
+        problem: String,
+    },
+    /// A config value is out of range or inconsistent.
+    #[error("invalid {key}: {problem}")]
+    Invalid {
+        /// The key, e.g. `parallel.partition_size`.
+        key: String,
+        /// What is wrong with its value.
+        problem: String,
+    },
+    /// The corpus, the dataset or the tokenizer.
+    #[error("data: {0}")]
+    Data(#[from] mics_datasets::DatasetError),
+    /// A model checkpoint (`--init-from`, export).
+    #[error("model: {0}")]
+    Model(#[from] mics_hub::HubError),
+    /// A sharded checkpoint is missing, corrupt or does not match the run.
+    #[error("checkpoint {}: {problem}", path.display())]
+    Checkpoint {
+        /// The checkpoint directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A collective failed or timed out.
+    #[error("communication: {0}")]
+    Comm(#[from] mics_comm::CommError),
+    /// Writing outputs (metrics, plots, checkpoints).
+    #[error("{}: {problem}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        problem: String,
+    },
+    /// Another rank failed; this rank stopped with it.
+    #[error("rank {rank}: {message}")]
+    Rank {
+        /// The rank that failed first.
+        rank: usize,
+        /// Its error.
+        message: String,
+    },
+    /// The requested engine is not in this build or cannot start.
+    #[error("engine: {0}")]
+    Engine(String),
+}
+
+impl TrainError {
+    pub(crate) fn io(path: impl Into<PathBuf>, err: impl std::fmt::Display) -> TrainError {
+        TrainError::Io {
+            path: path.into(),
+            problem: err.to_string(),
+        }
+    }
+
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, problem: impl Into<String>) -> TrainError {
+        TrainError::Checkpoint {
+            path: path.into(),
+            problem: problem.into(),
+        }
+    }
+}
