@@ -102,7 +102,12 @@ fn env(name: &str, default: u64) -> u64 {
 
 /// Plain Burn: `steps` timed steps after one warm-up, per-rank batch `BATCH`.
 fn plain_steps(rank: usize, steps: usize) -> Duration {
+    #[cfg(not(feature = "early-reduce"))]
     type B = Autodiff<NdArray>;
+    // Burn's `distributed` feature (on with `early-reduce`) makes `Autodiff<B>`
+    // an autodiff backend only for `B: DistributedBackend`.
+    #[cfg(feature = "early-reduce")]
+    type B = Autodiff<Mics<NdArray>>;
     let device = Default::default();
     let mut model = Gpt::<B>::new(&device);
     let mut optim = AdamWConfig::new().init::<B, Gpt<B>>();

@@ -57,9 +57,14 @@ fn gather<B: Backend>(tensor: ShardedTensor<B>) -> B::FloatTensorPrimitive {
             start_gather(param)
         }
     };
-    let full = full
-        .wait()
-        .unwrap_or_else(|err| panic!("mics: all-gather of parameter {} failed: {err}", param.id));
+    let full = full.wait().unwrap_or_else(|err| {
+        panic!(
+            "mics: all-gather of parameter {} (shape {:?}) in partition group {:?} (world ranks) failed: {err}",
+            param.id,
+            param.shape,
+            runtime.groups().partition().world_ranks(),
+        )
+    });
     runtime.prefetcher.after_use(&runtime.counters);
     HELD.with(|held| held.borrow_mut().push((runtime, bytes)));
     let device = B::float_device(&param.shard);

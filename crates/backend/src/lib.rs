@@ -25,12 +25,23 @@
 //!   gathers; later steps gather ahead within a depth and a byte budget, and
 //!   fall back to on-demand gathers when the order changes.
 //! - Counters per rank ([`Counters`]): gathers, prefetch hits and misses,
-//!   bytes gathered, live and peak live gathered bytes, shard bytes.
+//!   bytes gathered, live and peak live gathered bytes, shard bytes, live and
+//!   peak live full-gradient bytes.
+//! - Gradients are packed into buckets as they become complete and each
+//!   bucket's reduce-scatter starts at once. With the cargo feature
+//!   `early-reduce`, Burn 0.21's `distributed` hook hands each sharded
+//!   parameter's gradient over during backward, so the full gradients held
+//!   stay within a few buckets instead of the whole model. It is off by
+//!   default because Burn's `distributed` feature makes `Autodiff<B>` an
+//!   autodiff backend only for `B: DistributedBackend`, which NdArray is not
+//!   (see the crate's README).
 //!
 //! Every rank of a partition group must run the same program (the same ops
 //! on the same parameters, in the same order), as with any ZeRO-3-style
-//! sharding: gathers are collectives. A failed collective panics with the
-//! engine's error (Burn's ops cannot return errors).
+//! sharding: gathers are collectives. A failed collective panics (Burn's ops
+//! cannot return errors) with a message naming the collective, the
+//! parameter(s), the group's world ranks and the engine's error; the engines
+//! fail the collective on every rank, so every rank panics instead of hanging.
 //!
 //! # Example: shard and train a custom model on 4 ranks (p = 2)
 //!
@@ -91,10 +102,13 @@
 //! ```
 
 mod backend;
+#[cfg(feature = "early-reduce")]
+mod early;
 mod gather;
 mod ops;
 mod optim;
 mod prefetch;
+mod reduce;
 mod runtime;
 mod shard;
 mod state;

@@ -14,13 +14,11 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamW, AdamWConfig, LearningRate, Sgd, SgdConfig, SimpleOptimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use mics_comm::{Buffer, Collectives, ReduceOp, Sharding, Work};
+use mics_comm::{Collectives, ReduceOp, Work};
 
-/// Default gradient bucket: 32 MiB of full `f32` gradients.
-pub const DEFAULT_BUCKET_BYTES: usize = 32 << 20;
-
-use crate::gather::{local, primitive_to_vec};
-use crate::shard::sharded_value;
+use crate::gather::{local, primitive_to_vec, release_gathered};
+use crate::reduce::{DEFAULT_BUCKET_BYTES, done, ids_list};
+use crate::shard::{param_tensor, sharded_value};
 use crate::tensor::ShardedTensor;
 use crate::{Mics, MicsRuntime, MicsTensor};
 
@@ -56,6 +54,7 @@ impl<B: Backend> ShardedOptimizer<B, Sgd<B>> {
 impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
     /// Any of Burn's per-tensor optimizers, on shards.
     pub fn new(optim: O, runtime: &Arc<MicsRuntime>) -> Self {
+        runtime.grads.set_bucket_bytes(DEFAULT_BUCKET_BYTES);
         ShardedOptimizer {
             optim,
             runtime: runtime.clone(),
@@ -80,8 +79,14 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
     /// in module order; a larger parameter is a bucket alone): one
     /// reduce-scatter per bucket per micro-step and one all-reduce per bucket
     /// per step. 0 gives one bucket per parameter.
+    ///
+    /// Gradients are packed in the order they become complete (reverse order
+    /// of use with the `early-reduce` feature, module order without). With
+    /// `early-reduce`, the bucket size also bounds the full gradients a rank
+    /// holds during backward (see [`Counters::peak_live_grad_bytes`](crate::Counters)).
     pub fn with_bucket_bytes(mut self, bytes: usize) -> Self {
         self.bucket_bytes = bytes;
+        self.runtime.grads.set_bucket_bytes(bytes);
         self
     }
 
@@ -107,12 +112,19 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
     /// One micro-step: reduce-scatter each parameter's gradient inside the
     /// partition group and accumulate this rank's shard. `grads` comes from
     /// `loss.backward()` with the loss averaged over the local micro-batch.
+    /// Call it after every `backward()` of a sharded module, on the same thread.
     ///
-    /// Gradient memory: Burn 0.21 (without its `distributed` feature) hands
-    /// over the gradients when backward has finished, so this rank holds one
-    /// full copy of the model's gradients at that point; they move to the host
-    /// buckets one parameter at a time and each full gradient is freed once
-    /// packed. What stays between micro-steps is the accumulated shard, 1/p.
+    /// Gradient memory: with the `early-reduce` feature, Burn's autodiff
+    /// hands each sharded parameter's gradient to this rank's runtime as soon
+    /// as it is complete, during backward; the runtime packs it into the open
+    /// bucket, starts the bucket's reduce-scatter once it is full and frees
+    /// the full gradients, so a rank holds at most about
+    /// `(MAX_BUCKETS_IN_FLIGHT + 1)` buckets of full gradients (2 in flight,
+    /// one filling) plus one parameter's; this call then flushes the last
+    /// bucket and waits. Without the feature Burn hands over the gradients
+    /// only when backward has finished, so the rank holds one full copy of
+    /// the model's gradients at that point; they go through the same buckets
+    /// from here. What stays between micro-steps is the accumulated shard, 1/p.
     pub fn accumulate<AB, M>(&mut self, module: &M, mut grads: AB::Gradients)
     where
         AB: AutodiffBackend<InnerBackend = Mics<B>>,
@@ -120,52 +132,30 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
     {
         let mut collector = GradCollector::<AB> {
             grads: &mut grads,
+            runtime: &self.runtime,
             full: Vec::new(),
         };
         module.visit(&mut collector);
-        let partition = self.runtime.groups().partition();
-        let p = partition.size();
-        let mut pending = Vec::new();
-        for bucket in buckets(&collector.full, self.bucket_bytes, |g| g.1.len()) {
-            let shardings: Vec<Sharding> = bucket
-                .iter()
-                .map(|&i| Sharding::new(collector.full[i].1.len(), p))
-                .collect();
-            // Rank j's chunk is the concatenation of its shard of every parameter.
-            let mut buffer = Vec::with_capacity(shardings.iter().map(Sharding::padded_len).sum());
-            for part in 0..p {
-                for (&i, sharding) in bucket.iter().zip(&shardings) {
-                    let full = &collector.full[i].1;
-                    let range = sharding.range(part);
-                    let len = range.len();
-                    buffer.extend_from_slice(&full[range]);
-                    buffer.resize(buffer.len() + sharding.shard_len() - len, 0.0);
-                }
-            }
-            for &i in &bucket {
-                // Packed: this full gradient is no longer needed.
-                collector.full[i].1 = Vec::new();
-            }
-            let ids: Vec<ParamId> = bucket.iter().map(|&i| collector.full[i].0).collect();
-            let lens: Vec<usize> = shardings.iter().map(Sharding::shard_len).collect();
-            let work = if p == 1 {
-                done(buffer)
-            } else {
-                partition.reduce_scatter(buffer, ReduceOp::Sum)
-            };
-            pending.push((ids, lens, work));
-        }
+        let full = std::mem::take(&mut collector.full);
         drop(collector);
-        for (ids, lens, work) in pending {
-            let shards = work
-                .wait()
-                .unwrap_or_else(|err| panic!("mics: gradient reduce-scatter failed: {err}"));
-            for (id, shard) in ids.into_iter().zip(split(&shards, &lens)) {
-                match self.accum.get_mut(&id) {
-                    Some(acc) => acc.iter_mut().zip(shard).for_each(|(a, g)| *a += g),
-                    None => {
-                        self.accum.insert(id, shard.to_vec());
-                    }
+        drop(grads);
+        // Every gradient left here is complete and held at once.
+        let held: usize = full.iter().map(|(_, g)| g.len() * 4).sum();
+        self.runtime.counters.acquire_grad(held as u64);
+        for (id, grad) in full {
+            self.runtime
+                .grads
+                .push(&self.runtime, id, grad, true, false);
+        }
+        // The next micro-step reuses these parameter tensors: mark them again
+        // so that Burn calls the early hook in its backward pass too.
+        #[cfg(feature = "early-reduce")]
+        module.visit(&mut crate::early::Remark);
+        for (id, shard) in self.runtime.grads.finish(&self.runtime) {
+            match self.accum.get_mut(&id) {
+                Some(acc) => acc.iter_mut().zip(&shard).for_each(|(a, g)| *a += g),
+                None => {
+                    self.accum.insert(id, shard);
                 }
             }
         }
@@ -198,9 +188,10 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             .collect();
         let p = self.runtime.partition_size();
         let groups = buckets(&accumulated, self.bucket_bytes / p.max(1), Vec::len);
-        let pending: Vec<(Vec<usize>, Work<Vec<f32>>)> = groups
+        let pending: Vec<PendingBucket> = groups
             .into_iter()
             .map(|bucket| {
+                let ids = bucket.iter().map(|&i| params.0[i].0).collect();
                 let buffer: Vec<f32> = bucket
                     .iter()
                     .flat_map(|&i| accumulated[i].iter().copied())
@@ -211,16 +202,20 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
                 } else {
                     replication.all_reduce(buffer, ReduceOp::Sum)
                 };
-                (lens, work)
+                (ids, lens, work)
             })
             .collect();
         let world = self.runtime.groups().world().size();
         let scale = 1.0 / (world * self.micro_steps) as f32;
         let mut grads: Vec<Vec<f32>> = Vec::with_capacity(accumulated.len());
-        for (lens, work) in pending {
-            let summed = work
-                .wait()
-                .unwrap_or_else(|err| panic!("mics: gradient all-reduce failed: {err}"));
+        for (ids, lens, work) in pending {
+            let summed = work.wait().unwrap_or_else(|err| {
+                panic!(
+                    "mics: gradient all-reduce of parameters {} in replication group {:?} (world ranks) failed: {err}",
+                    ids_list(&ids),
+                    replication.world_ranks(),
+                )
+            });
             grads.extend(
                 split(&summed, &lens)
                     .into_iter()
@@ -278,7 +273,12 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             .partition()
             .all_reduce(vec![local as f32], ReduceOp::Sum)
             .wait()
-            .unwrap_or_else(|err| panic!("mics: all-reduce of the gradient norm failed: {err}"));
+            .unwrap_or_else(|err| {
+                panic!(
+                    "mics: all-reduce of the gradient norm in partition group {:?} (world ranks) failed: {err}",
+                    self.runtime.groups().partition().world_ranks(),
+                )
+            });
         total[0].sqrt()
     }
 }
@@ -294,9 +294,11 @@ fn sharded_of<B: Backend, AB: AutodiffBackend<InnerBackend = Mics<B>>, const D: 
     }
 }
 
-/// Full gradients on the host, in module order (missing ones are zeros).
+/// Full gradients on the host, in module order (missing ones are zeros),
+/// except those the backward hook already took.
 struct GradCollector<'a, AB: AutodiffBackend> {
     grads: &'a mut AB::Gradients,
+    runtime: &'a MicsRuntime,
     full: Vec<(ParamId, Vec<f32>)>,
 }
 
@@ -308,8 +310,17 @@ where
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
         let tensor = param.val();
         let numel = tensor.shape().num_elements();
-        let full = match tensor.grad_remove(self.grads) {
-            Some(grad) => primitive_to_vec::<B>(local(grad.into_primitive().tensor())),
+        let grad = tensor.grad_remove(self.grads);
+        if self.runtime.grads.was_submitted(param.id) {
+            // Reduce-scattered during backward; what is left is a placeholder.
+            return;
+        }
+        let full = match grad {
+            Some(grad) => {
+                let full = primitive_to_vec::<B>(local(grad.into_primitive().tensor()));
+                release_gathered();
+                full
+            }
             None => vec![0.0; numel],
         };
         self.full.push((param.id, full));
@@ -337,14 +348,9 @@ fn buckets<T>(items: &[T], max_bytes: usize, len: impl Fn(&T) -> usize) -> Vec<V
     out
 }
 
-/// A completed `Work`: what a collective over a group of one returns, without
-/// going through the engine.
-fn done(values: Vec<f32>) -> Work<Vec<f32>> {
-    Work::ready(Ok(Buffer::F32(values))).map(|buffer| match buffer {
-        Buffer::F32(values) => Ok(values),
-        _ => unreachable!("built as f32"),
-    })
-}
+/// A bucket's replication all-reduce in flight: its parameters, their shard
+/// lengths and the work.
+type PendingBucket = (Vec<ParamId>, Vec<usize>, Work<Vec<f32>>);
 
 fn split<'a>(buffer: &'a [f32], lens: &[usize]) -> Vec<&'a [f32]> {
     let mut at = 0;
@@ -383,11 +389,7 @@ where
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let require_grad = tensor.is_require_grad();
-        let mut tensor =
-            Tensor::<AB, D>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(value)));
-        if require_grad {
-            tensor = tensor.require_grad();
-        }
+        let tensor = param_tensor::<B, AB, D>(id, value, require_grad);
         Param::from_mapped_value(id, tensor, mapper)
     }
 }

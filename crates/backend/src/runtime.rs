@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use mics_comm::MicsGroups;
 
 use crate::prefetch::Prefetcher;
+use crate::reduce::GradReducer;
 
 /// What one rank's `Mics` runtime has done, as counted by the backend itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -25,6 +26,18 @@ pub struct Counters {
     pub peak_live_gathered_bytes: u64,
     /// Bytes of parameter shards this rank holds (padding included).
     pub shard_bytes: u64,
+    /// Bytes of complete full (unsharded) gradients held right now, waiting
+    /// for or in their partition reduce-scatter: from the moment a
+    /// parameter's gradient is complete until this rank has seen its
+    /// bucket's reduce-scatter complete. Full gradients that backward is
+    /// still accumulating (a parameter used several times) are not counted.
+    pub live_grad_bytes: u64,
+    /// The most full-gradient bytes held at once since the last
+    /// [`MicsRuntime::reset_peak`]. Without the `early-reduce` feature every
+    /// gradient is complete only when `backward()` returns, so this is the
+    /// whole model's gradient; with it, about
+    /// `(MAX_BUCKETS_IN_FLIGHT + 1) × bucket` plus one parameter.
+    pub peak_live_grad_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -36,6 +49,8 @@ pub(crate) struct AtomicCounters {
     pub live: AtomicU64,
     pub peak_live: AtomicU64,
     pub shard_bytes: AtomicU64,
+    pub live_grad: AtomicU64,
+    pub peak_live_grad: AtomicU64,
 }
 
 impl AtomicCounters {
@@ -46,6 +61,15 @@ impl AtomicCounters {
 
     pub fn release_live(&self, bytes: u64) {
         self.live.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    pub fn acquire_grad(&self, bytes: u64) {
+        let now = self.live_grad.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak_live_grad.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub fn release_grad(&self, bytes: u64) {
+        self.live_grad.fetch_sub(bytes, Ordering::Relaxed);
     }
 }
 
@@ -58,6 +82,7 @@ pub struct MicsRuntime {
     groups: MicsGroups,
     pub(crate) counters: AtomicCounters,
     pub(crate) prefetcher: Prefetcher,
+    pub(crate) grads: GradReducer,
 }
 
 impl MicsRuntime {
@@ -72,6 +97,7 @@ impl MicsRuntime {
             groups,
             counters: AtomicCounters::default(),
             prefetcher: Prefetcher::new(prefetch),
+            grads: GradReducer::default(),
         })
     }
 
@@ -101,13 +127,18 @@ impl MicsRuntime {
             live_gathered_bytes: c.live.load(Ordering::Relaxed),
             peak_live_gathered_bytes: c.peak_live.load(Ordering::Relaxed),
             shard_bytes: c.shard_bytes.load(Ordering::Relaxed),
+            live_grad_bytes: c.live_grad.load(Ordering::Relaxed),
+            peak_live_grad_bytes: c.peak_live_grad.load(Ordering::Relaxed),
         }
     }
 
-    /// Restart the peak of live gathered bytes from the current value.
+    /// Restart the peaks of live gathered bytes and of live full-gradient
+    /// bytes from their current values.
     pub fn reset_peak(&self) {
         let now = self.counters.live.load(Ordering::Relaxed);
         self.counters.peak_live.store(now, Ordering::Relaxed);
+        let now = self.counters.live_grad.load(Ordering::Relaxed);
+        self.counters.peak_live_grad.store(now, Ordering::Relaxed);
     }
 
     /// Mark the start of a training step for the prefetcher: the first step

@@ -67,7 +67,37 @@ fn register<B: Backend>(param: ShardedParam<B>) -> Arc<ShardedParam<B>> {
     let weak: std::sync::Weak<dyn GatherSource> =
         Arc::downgrade(&(param.clone() as Arc<dyn GatherSource>));
     param.runtime.prefetcher.register(param.id, weak);
+    #[cfg(feature = "early-reduce")]
+    crate::early::register(param.id, &param.runtime);
     param
+}
+
+/// A trainable parameter tensor around a sharded value: requires grad when
+/// the tensor it replaces did, and (with `early-reduce`) is marked so that
+/// Burn's autodiff hands its gradient over as soon as it is complete.
+pub(crate) fn param_tensor<B, AB, const D: usize>(
+    id: burn::module::ParamId,
+    value: MicsTensor<B>,
+    require_grad: bool,
+) -> Tensor<AB, D>
+where
+    B: Backend,
+    AB: AutodiffBackend<InnerBackend = Mics<B>>,
+{
+    let sharded = matches!(value, MicsTensor::Sharded(_));
+    let tensor = Tensor::<AB, D>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(value)));
+    if !require_grad {
+        return tensor;
+    }
+    let tensor = tensor.require_grad();
+    #[cfg(feature = "early-reduce")]
+    if sharded {
+        let prim = tensor.into_primitive().tensor();
+        let prim = AB::set_distributed_params(prim, crate::early::distributed_id(id));
+        return Tensor::from_primitive(TensorPrimitive::Float(prim));
+    }
+    let _ = (id, sharded);
+    tensor
 }
 
 struct Sharder {
@@ -87,11 +117,7 @@ where
     let require_grad = tensor.is_require_grad();
     let prim = tensor.inner().into_primitive().tensor();
     let mapped = f(id, prim);
-    let mut tensor =
-        Tensor::<AB, D>::from_inner(Tensor::from_primitive(TensorPrimitive::Float(mapped)));
-    if require_grad {
-        tensor = tensor.require_grad();
-    }
+    let tensor = param_tensor::<B, AB, D>(id, mapped, require_grad);
     Param::from_mapped_value(id, tensor, mapper)
 }
 

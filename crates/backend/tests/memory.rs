@@ -11,7 +11,7 @@ use burn::nn::{Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use common::*;
-use mics_backend::PrefetchConfig;
+use mics_backend::{PrefetchConfig, ShardedOptimizer};
 
 const D: usize = 23;
 const LAYERS: usize = 6;
@@ -176,3 +176,59 @@ fn prefetch_falls_back_when_the_order_changes() {
         assert_eq!(k.live_gathered_bytes, 0, "{k:?}");
     }
 }
+
+/// Full gradients held at once. Without `early-reduce` Burn hands every
+/// gradient over when backward returns: the whole model's gradient is held
+/// (plus nothing: each bucket's reduce-scatter frees it). With `early-reduce`
+/// each gradient is reduce-scattered as soon as it is complete, at most two
+/// buckets stay in flight while a third fills, so the peak is bounded by
+/// three buckets (a bucket holds at least one parameter) and the gradient
+/// that just arrived, whatever the depth.
+#[test]
+fn full_gradients_held_at_once() {
+    let c = config();
+    let reference = reference(&DEEP, c, None);
+    // One block's parameters per bucket, and one parameter per bucket.
+    for (bucket, buckets_per_micro_step) in [(BLOCK_BYTES as usize, LAYERS), (0, LAYERS * 4)] {
+        let ranks = distributed_with(&DEEP, c, None, PrefetchConfig::disabled(), |rt| {
+            ShardedOptimizer::adamw(&optimizer_config(), rt).with_bucket_bytes(bucket)
+        });
+        assert_parity(&reference, &ranks, 1e-5);
+        // Buckets are filled in the order gradients complete: module order
+        // after backward, Burn's tape order (by graph depth, blocks
+        // interleaved) with `early-reduce`, where only one parameter per
+        // bucket gives a count independent of that order.
+        if bucket == 0 || !cfg!(feature = "early-reduce") {
+            assert_collective_counts(&ranks, buckets_per_micro_step, c, false);
+        }
+        for rank in &ranks {
+            let k = rank.counters;
+            assert_eq!(k.live_grad_bytes, 0, "{k:?}");
+            // Two buckets in flight, a third just closed and the gradient
+            // that closed it (counted as soon as it exists).
+            let bound = 3 * (bucket as u64).max(LARGEST_PARAM_BYTES) + LARGEST_PARAM_BYTES;
+            if cfg!(feature = "early-reduce") {
+                assert!(k.peak_live_grad_bytes <= bound, "bucket {bucket}: {k:?}");
+                assert!(
+                    k.peak_live_grad_bytes < MODEL_BYTES,
+                    "bucket {bucket}: {k:?}"
+                );
+            } else {
+                assert_eq!(
+                    k.peak_live_grad_bytes, MODEL_BYTES,
+                    "bucket {bucket}: {k:?}"
+                );
+            }
+        }
+        eprintln!(
+            "bucket {bucket} B: peak full-gradient bytes {} of a {MODEL_BYTES} B model (early-reduce: {})",
+            ranks[0].counters.peak_live_grad_bytes,
+            cfg!(feature = "early-reduce"),
+        );
+    }
+}
+
+/// The largest parameter: a linear weight.
+const LARGEST_PARAM_BYTES: u64 = (D * D) as u64 * F32;
+/// One block's parameters.
+const BLOCK_BYTES: u64 = ((D * D + 3 * D) as u64) * F32;

@@ -20,7 +20,18 @@ use mics_backend::{
 use mics_comm::{CollectiveKind, Collectives, CommStats, Communicator, MicsGroups, ReduceOp};
 use mics_comm::{ThreadsEngine, Topology};
 
+/// The one-process reference backend.
+#[cfg(not(feature = "early-reduce"))]
 pub type Ref = Autodiff<NdArray>;
+/// The one-process reference backend. With `early-reduce`, Burn's
+/// `distributed` feature is on and `Autodiff<B>` is an autodiff backend only
+/// for `B: DistributedBackend`, which NdArray is not: the reference runs on
+/// `Mics<NdArray>` with plain local parameters (never sharded, never marked),
+/// where every op is forwarded to NdArray.
+#[cfg(feature = "early-reduce")]
+pub type Ref = Autodiff<Mics<NdArray>>;
+/// The inner backend of [`Ref`].
+pub type RefInner = <Ref as burn::tensor::backend::AutodiffBackend>::InnerBackend;
 pub type Dist = Autodiff<Mics<NdArray>>;
 
 /// A model and its loss on a range of sample indices (the loss is the mean
@@ -139,7 +150,7 @@ fn clip_global<M: AutodiffModule<Ref>>(
     let mut ids = Ids(Vec::new());
     model.visit(&mut ids);
     fn sq<const D: usize>(g: &GradientsParams, id: burn::module::ParamId) -> f64 {
-        g.get::<NdArray, D>(id)
+        g.get::<RefInner, D>(id)
             .map(|t| {
                 t.into_data()
                     .into_vec::<f32>()
@@ -151,8 +162,8 @@ fn clip_global<M: AutodiffModule<Ref>>(
             .unwrap_or(0.0)
     }
     fn scale<const D: usize>(g: &mut GradientsParams, id: burn::module::ParamId, c: f32) {
-        if let Some(t) = g.remove::<NdArray, D>(id) {
-            g.register::<NdArray, D>(id, t.mul_scalar(c));
+        if let Some(t) = g.remove::<RefInner, D>(id) {
+            g.register::<RefInner, D>(id, t.mul_scalar(c));
         }
     }
     let total: f64 = ids
