@@ -2,13 +2,14 @@
 //! inner backend, and account for the gathered bytes while an op holds them.
 
 use std::cell::RefCell;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use mics_comm::{CommError, Work};
+use mics_comm::{CommError, Sharding, Work};
 
+use crate::prefetch::GatherSource;
 use crate::runtime::MicsRuntime;
 use crate::tensor::{MicsTensor, ShardedParam, ShardedTensor};
 
@@ -51,10 +52,10 @@ fn gather<B: Backend>(tensor: ShardedTensor<B>) -> B::FloatTensorPrimitive {
     let runtime = param.runtime.clone();
     let bytes = param.full_bytes();
     let full = match runtime.prefetcher.take(param.id, &runtime.counters) {
-        Some(work) => work,
+        Some(gathered) => gathered,
         None => {
             runtime.counters.acquire_live(bytes);
-            start_gather(param)
+            Gathered::Own(start_gather(param))
         }
     };
     let full = full.wait().unwrap_or_else(|err| {
@@ -81,6 +82,7 @@ fn gather<B: Backend>(tensor: ShardedTensor<B>) -> B::FloatTensorPrimitive {
 pub(crate) fn start_gather<B: Backend>(param: &ShardedParam<B>) -> Work<Vec<f32>> {
     let counters = &param.runtime.counters;
     counters.gathers.fetch_add(1, Ordering::Relaxed);
+    counters.gather_collectives.fetch_add(1, Ordering::Relaxed);
     counters
         .bytes_gathered
         .fetch_add(param.full_bytes(), Ordering::Relaxed);
@@ -104,7 +106,7 @@ pub(crate) fn primitive_to_vec<B: Backend>(t: B::FloatTensorPrimitive) -> Vec<f3
         .expect("converted to f32")
 }
 
-impl<B: Backend> crate::prefetch::GatherSource for ShardedParam<B> {
+impl<B: Backend> GatherSource for ShardedParam<B> {
     fn start(&self) -> Work<Vec<f32>> {
         start_gather(self)
     }
@@ -112,4 +114,111 @@ impl<B: Backend> crate::prefetch::GatherSource for ShardedParam<B> {
     fn bytes(&self) -> u64 {
         self.full_bytes()
     }
+
+    fn host_shard(&self) -> Vec<f32> {
+        primitive_to_vec::<B>(self.shard.clone())
+    }
+
+    fn sharding(&self) -> Sharding {
+        self.sharding
+    }
+
+    fn runtime(&self) -> &Arc<MicsRuntime> {
+        &self.runtime
+    }
+}
+
+/// A gathered parameter on its way: its own all-gather, or its part of an
+/// all-gather shared with the parameters started together with it.
+pub(crate) enum Gathered {
+    Own(Work<Vec<f32>>),
+    Part(Arc<Mutex<Coalesced>>, usize),
+}
+
+/// One all-gather of the concatenated shards of several parameters.
+pub(crate) struct Coalesced {
+    work: Option<Work<Vec<f32>>>,
+    shardings: Vec<Sharding>,
+    /// Each parameter's full value once the collective has been waited for.
+    parts: Vec<Option<Result<Vec<f32>, CommError>>>,
+}
+
+impl Gathered {
+    /// The full parameter, unpadded.
+    pub fn wait(self) -> Result<Vec<f32>, CommError> {
+        match self {
+            Gathered::Own(work) => work.wait(),
+            Gathered::Part(shared, i) => {
+                let mut c = shared.lock().unwrap();
+                if let Some(work) = c.work.take() {
+                    let result = work.wait();
+                    c.parts = split_coalesced(result, &c.shardings);
+                }
+                c.parts[i]
+                    .take()
+                    .expect("each part of a coalesced gather is taken once")
+            }
+        }
+    }
+}
+
+/// Rank r's chunk of the gathered buffer is its shard of every parameter,
+/// in order: parameter i's full value is its slice of every chunk, unpadded.
+/// Pure data movement, so each value is bit-identical to its own gather.
+fn split_coalesced(
+    result: Result<Vec<f32>, CommError>,
+    shardings: &[Sharding],
+) -> Vec<Option<Result<Vec<f32>, CommError>>> {
+    let full = match result {
+        Ok(full) => full,
+        Err(err) => return shardings.iter().map(|_| Some(Err(err.clone()))).collect(),
+    };
+    let chunk: usize = shardings.iter().map(Sharding::shard_len).sum();
+    let mut offset = 0;
+    shardings
+        .iter()
+        .map(|sharding| {
+            let len = sharding.shard_len();
+            let mut value = Vec::with_capacity(sharding.padded_len());
+            for part in 0..sharding.parts() {
+                let at = part * chunk + offset;
+                value.extend_from_slice(&full[at..at + len]);
+            }
+            value.truncate(sharding.numel());
+            offset += len;
+            Some(Ok(value))
+        })
+        .collect()
+}
+
+/// Start the gathers of parameters issued together: one all-gather of their
+/// concatenated shards (one per parameter if there is only one).
+pub(crate) fn start_together(sources: &[Arc<dyn GatherSource>]) -> Vec<Gathered> {
+    if sources.len() == 1 {
+        return vec![Gathered::Own(sources[0].start())];
+    }
+    let runtime = sources[0].runtime();
+    let counters = &runtime.counters;
+    counters
+        .gathers
+        .fetch_add(sources.len() as u64, Ordering::Relaxed);
+    counters.gather_collectives.fetch_add(1, Ordering::Relaxed);
+    let shardings: Vec<Sharding> = sources.iter().map(|s| s.sharding()).collect();
+    let mut buffer = Vec::with_capacity(shardings.iter().map(Sharding::shard_len).sum());
+    for source in sources {
+        counters
+            .bytes_gathered
+            .fetch_add(source.bytes(), Ordering::Relaxed);
+        buffer.extend(source.host_shard());
+    }
+    let work = runtime.groups().all_gather_partition(buffer);
+    let parts = sources.len();
+    let shared = Arc::new(Mutex::new(Coalesced {
+        work: Some(work),
+        shardings,
+        parts: Vec::new(),
+    }));
+    (0..parts)
+        .map(|i| Gathered::Part(shared.clone(), i))
+        .collect()
 }

@@ -8,12 +8,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use burn::module::ParamId;
-use mics_comm::Work;
+use mics_comm::{Sharding, Work};
 
-use crate::runtime::AtomicCounters;
+use crate::gather::{Gathered, start_together};
+use crate::runtime::{AtomicCounters, MicsRuntime};
 
 /// How far ahead to gather.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,8 +45,14 @@ impl PrefetchConfig {
 
 /// Something that can start the gather of a parameter (type-erased shard).
 pub(crate) trait GatherSource: Send + Sync {
+    /// Its own all-gather.
     fn start(&self) -> Work<Vec<f32>>;
+    /// Bytes of the full parameter.
     fn bytes(&self) -> u64;
+    /// This rank's padded shard on the host, for a coalesced gather.
+    fn host_shard(&self) -> Vec<f32>;
+    fn sharding(&self) -> Sharding;
+    fn runtime(&self) -> &Arc<MicsRuntime>;
 }
 
 #[derive(Default)]
@@ -57,7 +64,7 @@ struct State {
     /// Replaying `order` in this step (no divergence seen yet).
     replaying: bool,
     /// Prefetched gathers by position in `order`.
-    ahead: VecDeque<(usize, Work<Vec<f32>>, u64)>,
+    ahead: VecDeque<(usize, Gathered, u64)>,
     ahead_bytes: u64,
     /// Next position of `order` to prefetch.
     next_issue: usize,
@@ -112,7 +119,7 @@ impl Prefetcher {
 
     /// Called on each use of parameter `id`: the prefetched gather for this
     /// position when there is one (its bytes are already counted live).
-    pub fn take(&self, id: ParamId, counters: &AtomicCounters) -> Option<Work<Vec<f32>>> {
+    pub fn take(&self, id: ParamId, counters: &AtomicCounters) -> Option<Gathered> {
         if !self.enabled() {
             return None;
         }
@@ -147,15 +154,21 @@ impl Prefetcher {
     }
 
     /// After a use has been served: start the gathers of the next uses.
+    ///
+    /// The queue is refilled once at most half of `depth` gathers are left
+    /// ahead (always for a depth of 1 or 2), and the gathers started together
+    /// go out as one all-gather of their concatenated shards: fewer, larger
+    /// collectives, each paying the engine's latency once.
     pub fn after_use(&self, counters: &AtomicCounters) {
         if !self.enabled() {
             return;
         }
         let mut st = self.state.lock().unwrap();
-        if !st.replaying {
+        if !st.replaying || st.ahead.len() * 2 > self.config.depth.max(2) {
             return;
         }
-        while st.ahead.len() < self.config.depth && st.next_issue < st.order.len() {
+        let mut batch: Vec<(usize, Arc<dyn GatherSource>, u64)> = Vec::new();
+        while st.ahead.len() + batch.len() < self.config.depth && st.next_issue < st.order.len() {
             let pos = st.next_issue;
             let Some(source) = st.sources.get(&st.order[pos]).and_then(Weak::upgrade) else {
                 break;
@@ -166,8 +179,15 @@ impl Prefetcher {
             }
             counters.acquire_live(bytes);
             st.ahead_bytes += bytes;
-            st.ahead.push_back((pos, source.start(), bytes));
+            batch.push((pos, source, bytes));
             st.next_issue += 1;
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let sources: Vec<Arc<dyn GatherSource>> = batch.iter().map(|b| b.1.clone()).collect();
+        for ((pos, _, bytes), gathered) in batch.into_iter().zip(start_together(&sources)) {
+            st.ahead.push_back((pos, gathered, bytes));
         }
     }
 }

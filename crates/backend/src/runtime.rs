@@ -11,8 +11,13 @@ use crate::reduce::GradReducer;
 /// What one rank's `Mics` runtime has done, as counted by the backend itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// All-gathers of a parameter issued (on demand and prefetched).
+    /// Parameter gathers issued, on demand and prefetched (one per
+    /// parameter, whether or not it shared its collective).
     pub gathers: u64,
+    /// All-gather collectives issued for them: one per on-demand gather, one
+    /// per group of prefetched gathers started together (their shards
+    /// concatenated), none for a partition group of one.
+    pub gather_collectives: u64,
     /// Gathers served from the prefetch cache.
     pub prefetch_hits: u64,
     /// Gathers issued on demand once an order had been recorded (prefetch
@@ -43,6 +48,7 @@ pub struct Counters {
 #[derive(Debug, Default)]
 pub(crate) struct AtomicCounters {
     pub gathers: AtomicU64,
+    pub gather_collectives: AtomicU64,
     pub prefetch_hits: AtomicU64,
     pub prefetch_misses: AtomicU64,
     pub bytes_gathered: AtomicU64,
@@ -121,6 +127,7 @@ impl MicsRuntime {
         let c = &self.counters;
         Counters {
             gathers: c.gathers.load(Ordering::Relaxed),
+            gather_collectives: c.gather_collectives.load(Ordering::Relaxed),
             prefetch_hits: c.prefetch_hits.load(Ordering::Relaxed),
             prefetch_misses: c.prefetch_misses.load(Ordering::Relaxed),
             bytes_gathered: c.bytes_gathered.load(Ordering::Relaxed),

@@ -9,6 +9,7 @@ use burn::optim::momentum::MomentumConfig;
 use common::tasks::{GPT_PARAMS, GptTask, MlpTask, TinyGpt};
 use common::*;
 use mics_backend::{PrefetchConfig, ShardedOptimizer};
+use mics_comm::CollectiveKind;
 
 const TOL: f32 = 1e-5;
 
@@ -113,5 +114,41 @@ fn sgd_with_momentum_parity() {
         let worst = assert_parity(&reference, &ranks, TOL);
         assert_collective_counts(&ranks, GPT_PARAMS, c, false);
         eprintln!("sgd {c:?}: worst relative error {worst:e}");
+    }
+}
+
+/// Prefetched gathers started together share one all-gather of their
+/// concatenated shards: fewer collectives than parameter gathers, and the
+/// training is bit-identical to on-demand gathers (pure data movement).
+#[test]
+fn coalesced_prefetch_is_bit_identical_and_issues_fewer_collectives() {
+    // Hierarchical gathers (p > k) and flat ones.
+    for c in [cfg(4, 2, 4, 2), cfg(4, 4, 2, 2)] {
+        let on_demand = distributed(&GptTask, c, None, PrefetchConfig::disabled());
+        let prefetched = distributed(&GptTask, c, None, PrefetchConfig::new(4, 1 << 20));
+        for (a, b) in on_demand.iter().zip(&prefetched) {
+            assert_eq!(a.run.losses, b.run.losses);
+            assert_eq!(a.run.params, b.run.params);
+            let (ka, kb) = (a.counters, b.counters);
+            assert_eq!(ka.gathers, ka.gather_collectives, "{ka:?}");
+            assert_eq!(ka.gathers, kb.gathers, "{kb:?}");
+            assert!(kb.prefetch_hits > 0, "{kb:?}");
+            assert!(kb.gather_collectives < kb.gathers, "{kb:?}");
+            if c.p <= c.k {
+                // A flat gather is one collective of the partition group,
+                // counted by the engine too.
+                let stats = b.partition_stats.last().unwrap();
+                assert_eq!(
+                    stats.calls(CollectiveKind::AllGather),
+                    kb.gather_collectives,
+                    "{kb:?}"
+                );
+            }
+        }
+        let k = prefetched[0].counters;
+        eprintln!(
+            "{c:?} coalesced prefetch: {} parameter gathers in {} all-gathers",
+            k.gathers, k.gather_collectives
+        );
     }
 }
