@@ -8,11 +8,20 @@
 //! - [`comm`]: the communicator trait, its engines and the MiCS topology;
 //! - [`planner`]: memory and step-time models of DDP, ZeRO and MiCS;
 //! - [`hub`]: Hugging Face safetensors, `config.json` and tokenizers;
-//! - [`bert`], [`gpt`]: the models, plain Burn modules.
+//! - [`bert`], [`gpt`]: the models, plain Burn modules;
+//! - [`datasets`]: tokenized corpora, the global-batch sampler, LM and MLM batches;
+//! - [`train`]: the trainer behind `mics train` and `mics export` (configs, the
+//!   sharded training loop, sharded checkpoints, Hugging Face export).
+//!
+//! The `examples/` directory shows each of them at work:
+//! `cargo run --example train_gpt -- --tiny`, `train_bert`, `custom_model` and
+//! `load_checkpoint` (`scripts/run-examples` runs all four).
 
 pub use mics_backend as backend;
 pub use mics_bert as bert;
 pub use mics_comm as comm;
+pub use mics_datasets as datasets;
 pub use mics_gpt as gpt;
 pub use mics_hub as hub;
 pub use mics_planner as planner;
+pub use mics_train as train;
