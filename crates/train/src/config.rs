@@ -44,7 +44,8 @@ pub struct ModelConfig {
     #[serde(rename = "type")]
     pub kind: ModelType,
     /// A Hugging Face-layout directory (`config.json` + `model.safetensors`)
-    /// to start from; the size keys below are then ignored.
+    /// to start from, or `asset:NAME` for an asset of `scripts/fetch-assets`
+    /// (e.g. `asset:minilm`); the size keys below are then ignored.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
     /// Blocks (GPT-2 `n_layer`, BERT `num_hidden_layers`).
@@ -322,7 +323,17 @@ impl TrainConfig {
         toml::from_str::<TrainConfig>(text).map_err(|err| {
             let line = err
                 .span()
-                .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+                // Lines before the span's start, plus its own (a key at the
+                // start of a line follows a newline that `lines()` would
+                // not count).
+                .map(|span| {
+                    let start = span.start.min(text.len());
+                    text.as_bytes()[..start]
+                        .iter()
+                        .filter(|&&b| b == b'\n')
+                        .count()
+                        + 1
+                });
             let message = err.message().replace('\n', " ");
             TrainError::Config {
                 path: path.to_path_buf(),
@@ -438,6 +449,25 @@ impl TrainConfig {
             );
         }
         Ok(())
+    }
+
+    /// The directory of `model.init_from`, with `asset:NAME` resolved in the
+    /// asset cache.
+    pub fn init_dir(&self) -> Result<Option<PathBuf>, TrainError> {
+        let Some(path) = &self.model.init_from else {
+            return Ok(None);
+        };
+        let dir = match path.to_str().and_then(|p| p.strip_prefix("asset:")) {
+            Some(name) => mics_hub::assets::asset_dir(name)?,
+            None => path.clone(),
+        };
+        if !dir.join("config.json").is_file() {
+            return Err(TrainError::Invalid {
+                key: "model.init_from".into(),
+                problem: format!("{} has no config.json", dir.display()),
+            });
+        }
+        Ok(Some(dir))
     }
 
     /// Sequences per optimizer step over all ranks: N · b · s.
