@@ -83,14 +83,14 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             .into_iter()
             .map(|(path, id, sharded)| {
                 let optimizer = match self.states.get(&id) {
-                    Some(state) => Some(
-                        Recorder::<B>::record(&recorder, state.clone(), ()).map_err(|err| {
-                            StateError::Optimizer {
+                    Some(state) => {
+                        Some(Recorder::<B>::record(&recorder, state.clone(), ()).map_err(
+                            |err| StateError::Optimizer {
                                 path: path.clone(),
                                 error: err.to_string(),
-                            }
-                        })?,
-                    ),
+                            },
+                        )?)
+                    }
                     None => None,
                 };
                 Ok(ParamShardState {
@@ -154,10 +154,12 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             }
             let device = B::float_device(&param.shard);
             if let Some(bytes) = state.optimizer {
-                let optim: O::State<1> = Recorder::<B>::load(&recorder, bytes, &device)
-                    .map_err(|err| StateError::Optimizer {
-                        path: path.clone(),
-                        error: err.to_string(),
+                let optim: O::State<1> =
+                    Recorder::<B>::load(&recorder, bytes, &device).map_err(|err| {
+                        StateError::Optimizer {
+                            path: path.clone(),
+                            error: err.to_string(),
+                        }
                     })?;
                 optim_states.insert(id, optim);
             }
