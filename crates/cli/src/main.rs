@@ -4,12 +4,6 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 
-// Training allocates and frees tensors of hundreds of MiB every step (the
-// logits over a 50k vocabulary); glibc's malloc returns each to the kernel
-// and pays the page faults again, mimalloc keeps and reuses them.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// MiCS sharded data-parallel training on Burn.
 #[derive(Parser)]
 #[command(name = "mics", version, about)]
@@ -36,6 +30,9 @@ enum Command {
     Export(commands::export::Args),
     /// Prepare tokenized datasets (`mics data prepare`).
     Data(commands::data::Args),
+    /// Training throughput of GPT-2 on Burn's CUDA backend, plain and MiCS at world 1,
+    /// or the NCCL check (`--nccl`); `scripts/gpu-bench` runs it on a GPU machine.
+    GpuBench(commands::gpu_bench::Args),
 }
 
 fn main() {
@@ -49,6 +46,7 @@ fn main() {
         Command::Train(args) => commands::train::run(args),
         Command::Export(args) => commands::export::run(args),
         Command::Data(args) => commands::data::run(args),
+        Command::GpuBench(args) => commands::gpu_bench::run(args),
     };
     if let Err(err) = result {
         // One line for the error and its causes, and a non-zero exit.

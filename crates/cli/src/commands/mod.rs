@@ -6,6 +6,7 @@ pub mod data;
 pub mod embed;
 pub mod export;
 pub mod generate;
+pub mod gpu_bench;
 pub mod logits;
 pub mod plan;
 pub mod train;
