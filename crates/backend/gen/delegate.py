@@ -28,11 +28,13 @@ TRAITS = [
     ("modules/base.rs", "ModuleOps"),
 ]
 
-# Written by hand in ops/views.rs and ops/manual.rs.
+# Written by hand in ops/manual.rs (float_random and int_random: per-thread
+# generator, see src/random.rs).
 MANUAL = {
     "float_device", "float_to_device", "float_reshape", "float_swap_dims", "float_permute",
     "float_expand", "float_slice", "quantize", "deform_conv2d_backward",
     "float_into_data", "max_pool2d_with_indices", "max_pool2d_with_indices_backward",
+    "float_random", "int_random",
 }
 # Burn's default body is the right one on a sharded parameter (no data touched,
 # or expressed through the lazy views above).

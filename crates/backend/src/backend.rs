@@ -34,7 +34,11 @@ impl<B: Backend> Backend for Mics<B> {
         format!("mics<{}>", B::name(device))
     }
 
+    /// Seeds a generator owned by the calling thread (each in-process rank
+    /// is a thread), from which `float_random` and `int_random` then draw on
+    /// this thread, and seeds the inner backend too.
     fn seed(device: &Self::Device, seed: u64) {
+        crate::random::seed(seed);
         B::seed(device, seed)
     }
 

@@ -43,6 +43,23 @@
 //! parameter(s), the group's world ranks and the engine's error; the engines
 //! fail the collective on every rank, so every rank panics instead of hanging.
 //!
+//! # Randomness
+//!
+//! In-process ranks are threads, and inner backends such as NdArray keep one
+//! process-wide random generator, so the values a rank draws (Burn's
+//! `Dropout` masks come from `float_random` with a Bernoulli distribution)
+//! would depend on how the rank threads interleave. `Mics<B>` owns its
+//! randomness instead: `Mics::<B>::seed(device, seed)` (also reached through
+//! `Autodiff<Mics<B>>::seed`) stores a generator (`rand`'s `StdRng` seeded
+//! from `seed`) in a thread-local of the calling thread, and still seeds `B`.
+//! `float_random` and `int_random` on that thread then draw from it
+//! (Burn's `TensorData::random`, built on the host and uploaded with
+//! `B::float_from_data` / `B::int_from_data`); a thread that never called
+//! `seed` draws from `B`'s generator as before. So ranks that seed alike
+//! draw identical masks and a rerun repeats them; seed each rank with, e.g.,
+//! `base + rank` for masks that differ across ranks. Random draws happen on
+//! the thread that runs the op: seed the rank's own thread.
+//!
 //! # Example: shard and train a custom model on 4 ranks (p = 2)
 //!
 //! ```
@@ -108,6 +125,7 @@ mod gather;
 mod ops;
 mod optim;
 mod prefetch;
+mod random;
 mod reduce;
 mod runtime;
 mod shard;

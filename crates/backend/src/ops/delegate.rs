@@ -13,8 +13,7 @@ impl<I: Backend> FloatTensorOps<Self> for Mics<I> {
         device: &Device<Self>,
         dtype: FloatDType,
     ) -> FloatTensor<Self> {
-        let out = I::float_random(shape, distribution, device, dtype);
-        MicsTensor::Local(out)
+        manual::float_random::<I>(shape, distribution, device, dtype)
     }
     fn float_zeros(shape: Shape, device: &Device<Self>, dtype: FloatDType) -> FloatTensor<Self> {
         let out = I::float_zeros(shape, device, dtype);
@@ -1057,7 +1056,7 @@ impl<I: Backend> IntTensorOps<Self> for Mics<I> {
         device: &Device<Self>,
         dtype: IntDType,
     ) -> IntTensor<Self> {
-        I::int_random(shape, distribution, device, dtype)
+        manual::int_random::<I>(shape, distribution, device, dtype)
     }
     fn int_arange_step(
         range: Range<i64>,

@@ -7,7 +7,7 @@ use burn::tensor::ops::{
     MaxPool2dWithIndices, QuantizedTensor,
 };
 use burn::tensor::quantization::{QuantScheme, QuantizationParametersPrimitive};
-use burn::tensor::{Device, Shape, Slice, TensorData};
+use burn::tensor::{Device, Distribution, FloatDType, IntDType, Shape, Slice, TensorData};
 
 use crate::gather::{local, release_gathered};
 use crate::tensor::View;
@@ -54,6 +54,32 @@ pub fn float_slice<I: Backend>(tensor: F<I>, slices: &[Slice]) -> F<I> {
     view(tensor, View::Slice(slices.to_vec()), |t| {
         I::float_slice(t, slices)
     })
+}
+
+/// From the calling thread's generator once `Mics::seed` was called on it
+/// (see `random.rs`), else from the inner backend's.
+pub fn float_random<I: Backend>(
+    shape: Shape,
+    distribution: Distribution,
+    device: &Device<Mics<I>>,
+    dtype: FloatDType,
+) -> F<I> {
+    MicsTensor::Local(crate::random::float_random::<I>(
+        shape,
+        distribution,
+        device,
+        dtype,
+    ))
+}
+
+/// As [`float_random`], for integers.
+pub fn int_random<I: Backend>(
+    shape: Shape,
+    distribution: Distribution,
+    device: &Device<Mics<I>>,
+    dtype: IntDType,
+) -> IntTensor<Mics<I>> {
+    crate::random::int_random::<I>(shape, distribution, device, dtype)
 }
 
 pub fn float_device<I: Backend>(tensor: &F<I>) -> Device<Mics<I>> {
