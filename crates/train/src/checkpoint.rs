@@ -239,7 +239,41 @@ pub(crate) fn write_rank_file(
     }
     let bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| TrainError::io(&path, format!("{e:?}")))?;
+    let bytes = sorted_header(bytes);
     mics_hub::checkpoint::write_atomic(&path, &bytes).map_err(|e| TrainError::io(&path, e))
+}
+
+/// `safetensors::serialize` writes the metadata map in `HashMap` order,
+/// which changes from one process to the next: the header rewritten with
+/// sorted keys (the same length, so the data offsets stand), so that the
+/// same states always give the same bytes (a resumed run's checkpoints are
+/// byte-identical to an uninterrupted run's).
+fn sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    use std::collections::BTreeMap;
+    let Some(n) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+    else {
+        return bytes;
+    };
+    let Some(Ok(mut header)) = bytes
+        .get(8..8 + n)
+        .map(serde_json::from_slice::<BTreeMap<String, serde_json::Value>>)
+    else {
+        return bytes;
+    };
+    if let Some(meta) = header.get_mut("__metadata__") {
+        let Ok(sorted) = serde_json::from_value::<BTreeMap<String, String>>(meta.take()) else {
+            return bytes;
+        };
+        *meta = serde_json::to_value(sorted).expect("strings");
+    }
+    let mut text = serde_json::to_vec(&header).expect("plain JSON");
+    if text.len() <= n {
+        text.resize(n, b' ');
+        bytes[8..8 + n].copy_from_slice(&text);
+    }
+    bytes
 }
 
 fn bytemuck_f32(values: &[f32]) -> Vec<u8> {

@@ -86,10 +86,10 @@ pub enum TrainError {
     },
     /// The corpus, the dataset or the tokenizer.
     #[error("data: {0}")]
-    Data(#[from] mics_datasets::DatasetError),
+    Data(mics_datasets::DatasetError),
     /// A model checkpoint (`--init-from`, export).
     #[error("model: {0}")]
-    Model(#[from] mics_hub::HubError),
+    Model(mics_hub::HubError),
     /// A sharded checkpoint is missing, corrupt or does not match the run.
     #[error("checkpoint {}: {problem}", path.display())]
     Checkpoint {
@@ -100,7 +100,7 @@ pub enum TrainError {
     },
     /// A collective failed or timed out.
     #[error("communication: {0}")]
-    Comm(#[from] mics_comm::CommError),
+    Comm(mics_comm::CommError),
     /// Writing outputs (metrics, plots, checkpoints).
     #[error("{}: {problem}", path.display())]
     Io {
@@ -120,6 +120,27 @@ pub enum TrainError {
     /// The requested engine is not in this build or cannot start.
     #[error("engine: {0}")]
     Engine(String),
+}
+
+// Plain `From`s rather than thiserror's `#[from]`, which would also make the
+// wrapped error the `source()`: printed with its causes (`{:#}` in `mics`),
+// the message would then repeat itself.
+impl From<mics_datasets::DatasetError> for TrainError {
+    fn from(err: mics_datasets::DatasetError) -> TrainError {
+        TrainError::Data(err)
+    }
+}
+
+impl From<mics_hub::HubError> for TrainError {
+    fn from(err: mics_hub::HubError) -> TrainError {
+        TrainError::Model(err)
+    }
+}
+
+impl From<mics_comm::CommError> for TrainError {
+    fn from(err: mics_comm::CommError) -> TrainError {
+        TrainError::Comm(err)
+    }
 }
 
 impl TrainError {

@@ -148,6 +148,8 @@ fn ensure_dataset(config: &TrainConfig, dir: &Path) -> Result<DatasetMeta, Train
         }
         return Ok(meta);
     }
+    // A missing corpus is an error, not a "preparing" line and then an error.
+    corpus.documents()?;
     eprintln!(
         "preparing {} with the {} tokenizer into {}",
         config.data.corpus,
@@ -238,14 +240,18 @@ fn collect(
         match result {
             Ok(Ok(Some(s))) => summary = Some(s),
             Ok(Ok(None)) => {}
-            Ok(Err(err)) => errors.push((rank, err.to_string())),
-            Err(panic) => errors.push((rank, panic)),
+            // `agree`'s "stopping: other rank(s) failed" is not a rank's own error.
+            Ok(Err(err)) => {
+                let echo = matches!(err, TrainError::Rank { .. });
+                errors.push((rank, err.to_string(), echo))
+            }
+            Err(panic) => errors.push((rank, panic, false)),
         }
     }
     let own = |m: &String| !m.contains("peer") && !m.contains("another rank");
-    if let Some((rank, message)) = errors
+    if let Some((rank, message, _)) = errors
         .iter()
-        .find(|(_, m)| own(m))
+        .find(|(_, m, echo)| !echo && own(m))
         .or_else(|| errors.first())
         .cloned()
     {
