@@ -1,0 +1,466 @@
+//! The trainer end to end on a tiny GPT-2 / BERT and a few KB of Shakespeare:
+//! parity of (N, p, k, s) against one process, exact resume, resume
+//! mismatches, and export.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use burn::backend::NdArray;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use mics_datasets::{Corpus, PrepareOptions, TokenizerSpec};
+use mics_train::{TrainConfig, TrainError, TrainSummary, export, read_metrics, train};
+use safetensors::SafeTensors;
+
+/// A fresh scratch directory, unique to this process and `tag`.
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir()
+        .join(format!("mics-train-tests-{}", std::process::id()))
+        .join(tag);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Two documents of ~4 KB from the middle of two plays (past the Gutenberg
+/// header), written once per test binary, with `bytes.json`: GPT-2's
+/// byte-level BPE cut down to its 256 byte tokens (no merges) and
+/// `<|endoftext|>`. Its 257 ids, rather than GPT-2's 50257, keep the
+/// embedding and the softmax small enough for tests of a few seconds.
+fn corpus() -> &'static Path {
+    static CORPUS: OnceLock<PathBuf> = OnceLock::new();
+    CORPUS.get_or_init(|| {
+        let plays = mics_hub::assets::asset_dir("shakespeare")
+            .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-assets)"));
+        let dir = scratch("corpus");
+        let texts = dir.join("texts");
+        std::fs::create_dir_all(&texts).unwrap();
+        for play in ["hamlet_gut.txt", "macbeth_gut.txt"] {
+            let text = std::fs::read(plays.join(play)).unwrap();
+            let text = String::from_utf8_lossy(&text[60_000..64_000]).into_owned();
+            std::fs::write(texts.join(play), text).unwrap();
+        }
+        std::fs::write(dir.join("bytes.json"), byte_tokenizer()).unwrap();
+        dir
+    })
+}
+
+fn byte_tokenizer() -> String {
+    let vocab = mics_hub::assets::asset_file("gpt2-tokenizer", "vocab.json")
+        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-assets)"));
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(vocab).unwrap()).unwrap();
+    let mut bytes: serde_json::Map<String, serde_json::Value> = vocab
+        .into_iter()
+        .filter(|(_, id)| id.as_u64().unwrap() < 256)
+        .collect();
+    assert_eq!(bytes.len(), 256);
+    bytes.insert("<|endoftext|>".into(), 256.into());
+    let byte_level = serde_json::json!({
+        "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true
+    });
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [{
+            "id": 256, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": true, "special": true
+        }],
+        "normalizer": null,
+        "pre_tokenizer": byte_level,
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false,
+            "byte_fallback": false, "vocab": bytes, "merges": []
+        }
+    })
+    .to_string()
+}
+
+/// The corpus tokenized with `tokenizer` (`bytes` or `bert`), once per binary.
+fn dataset(tokenizer: &str) -> &'static Path {
+    static BYTES: OnceLock<PathBuf> = OnceLock::new();
+    static BERT: OnceLock<PathBuf> = OnceLock::new();
+    let cell = match tokenizer {
+        "bytes" => &BYTES,
+        "bert" => &BERT,
+        other => panic!("no dataset for {other}"),
+    };
+    cell.get_or_init(|| {
+        let dir = scratch(&format!("data-{tokenizer}"));
+        let spec = tokenizer_spec(tokenizer).parse::<TokenizerSpec>().unwrap();
+        let corpus = Corpus::Path(corpus().join("texts"));
+        let mut options = PrepareOptions::new(corpus, spec, &dir);
+        options.val_fraction = 0.2;
+        mics_datasets::prepare(&options).unwrap();
+        dir
+    })
+}
+
+/// The `data.tokenizer` value of `tokenizer`.
+fn tokenizer_spec(tokenizer: &str) -> String {
+    match tokenizer {
+        "bytes" => corpus().join("bytes.json").display().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// A run's shape: world N, partition size p, ranks per node k, micro-batch b,
+/// accumulation s.
+#[derive(Clone, Copy)]
+struct Shape {
+    world: usize,
+    p: usize,
+    k: Option<usize>,
+    b: usize,
+    s: usize,
+}
+
+const fn shape(world: usize, p: usize, k: Option<usize>, b: usize, s: usize) -> Shape {
+    Shape { world, p, k, b, s }
+}
+
+/// A tiny model (2 layers, hidden 32, 2 heads, sequences of 16) of `kind`
+/// (`gpt2` or `bert`) on the test corpus, writing into `out`.
+fn config(kind: &str, out: &Path, sh: Shape, steps: u64, extra_train: &str) -> TrainConfig {
+    let tokenizer = if kind == "bert" { "bert" } else { "bytes" };
+    let k =
+        sh.k.map(|k| format!("ranks_per_node = {k}"))
+            .unwrap_or_default();
+    let text = format!(
+        r#"
+[model]
+type = "{kind}"
+layers = 2
+hidden = 32
+heads = 2
+
+[data]
+corpus = "{corpus}"
+tokenizer = "{tokenizer_spec}"
+dataset = "{dataset}"
+seq_len = 16
+val_fraction = 0.2
+
+[train]
+steps = {steps}
+micro_batch = {b}
+grad_accum = {s}
+lr = 0.01
+warmup_steps = 2
+eval_batches = 2
+log_every = 1000
+{extra_train}
+
+[parallel]
+world = {world}
+partition_size = {p}
+{k}
+
+[output]
+dir = "{out}"
+"#,
+        corpus = corpus().join("texts").display(),
+        tokenizer_spec = tokenizer_spec(tokenizer),
+        dataset = dataset(tokenizer).display(),
+        out = out.display(),
+        b = sh.b,
+        s = sh.s,
+        world = sh.world,
+        p = sh.p,
+    );
+    TrainConfig::parse(&text, Path::new("test.toml")).unwrap()
+}
+
+fn relative_error(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(b.abs()).max(1e-12)
+}
+
+/// The largest relative difference of the step losses and the final
+/// validation loss of `run` against `reference`; fails above 1e-4.
+fn compare(label: &str, reference: &TrainSummary, run: &TrainSummary) -> f64 {
+    assert_eq!(reference.losses.len(), run.losses.len(), "{label}");
+    let mut worst = 0.0f64;
+    for (step, (a, b)) in reference.losses.iter().zip(&run.losses).enumerate() {
+        let e = relative_error(*a, *b);
+        assert!(
+            e <= 1e-4,
+            "{label}: step {} loss {b} vs {a} (relative {e:e})",
+            step + 1
+        );
+        worst = worst.max(e);
+    }
+    let (a, b) = (reference.val_loss.unwrap(), run.val_loss.unwrap());
+    let e = relative_error(a, b);
+    assert!(e <= 1e-4, "{label}: validation loss {b} vs {a} ({e:e})");
+    worst = worst.max(e);
+    eprintln!("{label}: max relative error {worst:e}");
+    worst
+}
+
+#[test]
+fn gpt2_losses_match_one_process_for_every_partitioning() {
+    let dir = scratch("parity-gpt2");
+    let steps = 20;
+    // The same global batch of 8 sequences each step.
+    let runs = [
+        ("N=1 b=4 s=2", shape(1, 1, None, 4, 2)),
+        ("N=4 p=2 b=1 s=2", shape(4, 2, None, 1, 2)),
+        ("N=4 k=2 p=4 b=2 s=1", shape(4, 4, Some(2), 2, 1)),
+    ];
+    let summaries: Vec<TrainSummary> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, sh))| {
+            let out = dir.join(format!("run{i}"));
+            train(&config("gpt2", &out, *sh, steps, ""), None).unwrap()
+        })
+        .collect();
+    let reference = &summaries[0];
+    assert_eq!(reference.losses.len(), steps as usize);
+    let (first, last) = (reference.losses[0], *reference.losses.last().unwrap());
+    assert!(
+        last < first - 1.0,
+        "the model does not learn: loss {first} -> {last}"
+    );
+    assert!(reference.val_loss.unwrap() < first - 1.0);
+    let mut worst = 0.0f64;
+    for ((label, _), summary) in runs.iter().zip(&summaries).skip(1) {
+        worst = worst.max(compare(label, reference, summary));
+    }
+    eprintln!("gpt2 parity over {steps} steps: max relative error {worst:e}");
+}
+
+#[test]
+fn bert_mlm_losses_match_one_process() {
+    let dir = scratch("parity-bert");
+    let steps = 5;
+    let one = train(
+        &config("bert", &dir.join("one"), shape(1, 1, None, 4, 1), steps, ""),
+        None,
+    )
+    .unwrap();
+    let two = train(
+        &config("bert", &dir.join("two"), shape(2, 2, None, 2, 1), steps, ""),
+        None,
+    )
+    .unwrap();
+    assert_eq!(one.losses.len(), steps as usize);
+    assert!(one.losses.iter().all(|l| l.is_finite() && *l > 0.0));
+    let worst = compare("bert N=2 p=2", &one, &two);
+    eprintln!("bert parity over {steps} steps: max relative error {worst:e}");
+}
+
+/// Metrics lines as JSON objects without the timing field.
+fn metrics_without_timing(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("tokens_per_s");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+    let dir = scratch("resume");
+    let sh = shape(2, 2, None, 2, 2);
+    // A constant learning rate after warm-up: the cosine decay runs to
+    // train.steps, so a run told `steps = 10` decays faster than one of 20
+    // (resuming within one schedule is the next test).
+    let extra = "checkpoint_every = 10\neval_every = 5\nmin_lr = 0.01";
+    let whole_dir = dir.join("whole");
+    let whole = train(&config("gpt2", &whole_dir, sh, 20, extra), None).unwrap();
+    assert_eq!(whole.losses.len(), 20);
+
+    let split_dir = dir.join("split");
+    let first = train(&config("gpt2", &split_dir, sh, 10, extra), None).unwrap();
+    assert_eq!(first.losses[..], whole.losses[..10]);
+    let second = train(&config("gpt2", &split_dir, sh, 20, extra), Some(&split_dir)).unwrap();
+    assert_eq!(second.start_step, 10);
+    assert_eq!(second.steps, 20);
+    // `==` on f64: bit for bit.
+    assert_eq!(second.losses[..], whole.losses[10..]);
+    assert_eq!(second.val_loss, whole.val_loss);
+
+    let (a, b) = (
+        metrics_without_timing(&whole.metrics),
+        metrics_without_timing(&second.metrics),
+    );
+    assert_eq!(a.len(), 20 + 4, "20 steps and 4 evaluations");
+    assert_eq!(a, b);
+    // The parsed metrics agree with the summary (to the last bit or so:
+    // serde_json's default float parsing is not always correctly rounded).
+    let parsed: Vec<f64> = read_metrics(&second.metrics)
+        .unwrap()
+        .iter()
+        .filter_map(|m| m.loss)
+        .collect();
+    assert_eq!(parsed.len(), 20);
+    for (a, b) in parsed[10..].iter().zip(&second.losses) {
+        assert!(relative_error(*a, *b) < 1e-15, "{a} vs {b}");
+    }
+
+    let (ca, cb) = (whole.checkpoint.unwrap(), second.checkpoint.unwrap());
+    assert!(ca.ends_with("step-000020") && cb.ends_with("step-000020"));
+    for rank in 0..2 {
+        let name = format!("rank-{rank:05}.safetensors");
+        let (fa, fb) = (
+            std::fs::read(ca.join(&name)).unwrap(),
+            std::fs::read(cb.join(&name)).unwrap(),
+        );
+        assert!(fa == fb, "{name} differs between the two runs");
+    }
+}
+
+#[test]
+fn resuming_from_a_mid_run_checkpoint_continues_the_schedule() {
+    let dir = scratch("resume-cosine");
+    let sh = shape(2, 2, None, 2, 2);
+    let extra = "checkpoint_every = 10";
+    let whole = train(&config("gpt2", &dir.join("whole"), sh, 20, extra), None).unwrap();
+    let middle = dir.join("whole/checkpoints/step-000010");
+    let rest_dir = dir.join("rest");
+    let rest = train(&config("gpt2", &rest_dir, sh, 20, extra), Some(&middle)).unwrap();
+    assert_eq!(rest.start_step, 10);
+    assert_eq!(rest.losses[..], whole.losses[10..]);
+    assert_eq!(rest.val_loss, whole.val_loss);
+    for rank in 0..2 {
+        let name = format!("rank-{rank:05}.safetensors");
+        let (fa, fb) = (
+            std::fs::read(whole.checkpoint.as_ref().unwrap().join(&name)).unwrap(),
+            std::fs::read(rest.checkpoint.as_ref().unwrap().join(&name)).unwrap(),
+        );
+        assert!(fa == fb, "{name} differs between the two runs");
+    }
+}
+
+#[test]
+fn resuming_with_another_world_or_partition_size_is_refused() {
+    let dir = scratch("reshard");
+    let out = dir.join("run");
+    train(&config("gpt2", &out, shape(2, 2, None, 2, 1), 2, ""), None).unwrap();
+    for (label, sh) in [
+        ("world 4", shape(4, 2, None, 1, 1)),
+        ("partition size 1", shape(2, 1, None, 2, 1)),
+    ] {
+        let err = train(&config("gpt2", &out, sh, 4, ""), Some(&out)).unwrap_err();
+        assert!(
+            matches!(&err, TrainError::Checkpoint { .. }),
+            "{label}: {err}"
+        );
+        assert!(
+            err.to_string().contains("re-sharding is not supported"),
+            "{label}: {err}"
+        );
+    }
+    // The same shape resumes.
+    let summary = train(
+        &config("gpt2", &out, shape(2, 2, None, 2, 1), 3, ""),
+        Some(&out),
+    )
+    .unwrap();
+    assert_eq!((summary.start_step, summary.losses.len()), (2, 1));
+}
+
+/// Every float parameter of a module by its module path.
+struct Collect<B: Backend> {
+    path: Vec<String>,
+    values: HashMap<String, Vec<f32>>,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Collect<B> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let values = param.val().into_data().to_vec::<f32>().unwrap();
+        self.values.insert(self.path.join("."), values);
+    }
+}
+
+/// `param.<path>` shards of one rank file.
+fn rank_shards(file: &Path) -> HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter_map(|(name, view)| {
+            let path = name.strip_prefix("param.")?.to_string();
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            Some((path, values))
+        })
+        .collect()
+}
+
+#[test]
+fn export_writes_the_concatenated_shards_in_hugging_face_layout() {
+    let dir = scratch("export");
+    let out = dir.join("run");
+    let (world, p) = (4, 2);
+    let summary = train(
+        &config("gpt2", &out, shape(world, p, None, 1, 1), 3, ""),
+        None,
+    )
+    .unwrap();
+    let ckpt = summary.checkpoint.unwrap();
+    let exported = dir.join("hf");
+    assert_eq!(export(&out, &exported).unwrap(), ckpt);
+    for file in ["model.safetensors", "config.json", "tokenizer.json"] {
+        assert!(exported.join(file).is_file(), "{file}");
+    }
+
+    let device = Default::default();
+    let (model, _) = mics_gpt::Gpt2LMHeadModel::<NdArray>::load(&exported, &device).unwrap();
+    let mut collect = Collect::<NdArray> {
+        path: Vec::new(),
+        values: HashMap::new(),
+        _b: std::marker::PhantomData,
+    };
+    model.visit(&mut collect);
+    let loaded = collect.values;
+
+    let ranks: Vec<HashMap<String, Vec<f32>>> = (0..world)
+        .map(|r| rank_shards(&ckpt.join(format!("rank-{r:05}.safetensors"))))
+        .collect();
+    assert_eq!(ranks[0].len(), loaded.len(), "parameters in the rank files");
+    for (path, values) in &loaded {
+        // Partition group 0 holds a full replica; group 1 the same shards.
+        let mut full = Vec::new();
+        for r in 0..p {
+            let shard = ranks[r]
+                .get(path)
+                .unwrap_or_else(|| panic!("rank {r}: no {path}"));
+            assert_eq!(shard, &ranks[r + p][path], "{path}: replicas differ");
+            full.extend_from_slice(shard);
+        }
+        assert!(
+            full.len() >= values.len() && full.len() < values.len() + p,
+            "{path}"
+        );
+        full.truncate(values.len());
+        assert!(
+            &full == values,
+            "{path}: exported values differ from the shards"
+        );
+    }
+}
