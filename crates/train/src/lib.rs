@@ -35,11 +35,9 @@
 //! samples and, without dropout, reach the same losses to float tolerance.
 //! Resuming restores the shards and AdamW moments exactly and continues the
 //! sampler at the saved step: the losses after a resume are bit-identical to
-//! an uninterrupted run. Dropout masks come from the backend's random
-//! generator, reseeded from (seed, step, rank) every step; NdArray's
-//! generator is process-wide, so with dropout > 0 and several ranks in one
-//! process the masks depend on thread timing (a world of one, or one process
-//! per rank under MPI, stays reproducible).
+//! an uninterrupted run. Dropout masks come from `Mics`' per-thread random
+//! generator, reseeded from (seed, step, rank) at every step, so they too are
+//! the same run after run and after a resume, whatever the thread timing.
 
 #![warn(missing_docs)]
 

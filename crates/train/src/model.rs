@@ -129,7 +129,7 @@ pub(crate) fn model_spec(
 ) -> Result<ModelSpec, TrainError> {
     let m = &config.model;
     let seq = config.data.seq_len;
-    let spec = match &m.init_from {
+    let spec = match config.init_dir()? {
         Some(dir) => {
             let path = dir.join("config.json");
             let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;

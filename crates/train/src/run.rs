@@ -108,7 +108,7 @@ fn context(
     if let Some((dir, index)) = &resume {
         check_resume(config, &spec, dir, index)?;
     }
-    let record = initial_record(&spec, config.model.init_from.as_deref(), config.train.seed)?;
+    let record = initial_record(&spec, config.init_dir()?.as_deref(), config.train.seed)?;
     Ok(RunContext {
         config: config.clone(),
         meta,
