@@ -46,7 +46,19 @@ fn gather<B: Backend>(tensor: ShardedTensor<B>) -> B::FloatTensorPrimitive {
         counters
             .bytes_gathered
             .fetch_add(param.full_bytes(), Ordering::Relaxed);
-        let full = B::float_reshape(param.shard.clone(), param.shape.clone());
+        counters
+            .bytes_gathered_wire
+            .fetch_add(param.wire_bytes(), Ordering::Relaxed);
+        let dtype = param.runtime.precision().gather;
+        let full = if dtype == mics_comm::DType::F32 {
+            B::float_reshape(param.shard.clone(), param.shape.clone())
+        } else {
+            // Compute sees the weights rounded as a gather would round them.
+            let values =
+                crate::precision::rounded(dtype, primitive_to_vec::<B>(param.shard.clone()));
+            let data = TensorData::new(values, param.shape.clone()).convert_dtype(param.dtype);
+            B::float_from_data(data, &B::float_device(&param.shard))
+        };
         return tensor.views.iter().fold(full, |t, view| view.apply::<B>(t));
     }
     let runtime = param.runtime.clone();
@@ -86,16 +98,18 @@ pub(crate) fn start_gather<B: Backend>(param: &ShardedParam<B>) -> Work<Vec<f32>
     counters
         .bytes_gathered
         .fetch_add(param.full_bytes(), Ordering::Relaxed);
+    counters
+        .bytes_gathered_wire
+        .fetch_add(param.wire_bytes(), Ordering::Relaxed);
     let shard = primitive_to_vec::<B>(param.shard.clone());
     let numel = param.sharding.numel();
-    param
-        .runtime
-        .groups()
-        .all_gather_partition(shard)
-        .map(move |mut full| {
+    let runtime = &param.runtime;
+    crate::precision::all_gather_partition(runtime.groups(), runtime.precision().gather, shard).map(
+        move |mut full| {
             full.truncate(numel);
             Ok::<_, CommError>(full)
-        })
+        },
+    )
 }
 
 /// Host copy of a primitive of the inner backend, as `f32`.
@@ -205,13 +219,18 @@ pub(crate) fn start_together(sources: &[Arc<dyn GatherSource>]) -> Vec<Gathered>
     counters.gather_collectives.fetch_add(1, Ordering::Relaxed);
     let shardings: Vec<Sharding> = sources.iter().map(|s| s.sharding()).collect();
     let mut buffer = Vec::with_capacity(shardings.iter().map(Sharding::shard_len).sum());
+    let dtype = runtime.precision().gather;
     for source in sources {
         counters
             .bytes_gathered
             .fetch_add(source.bytes(), Ordering::Relaxed);
+        counters.bytes_gathered_wire.fetch_add(
+            (source.sharding().numel() * dtype.size()) as u64,
+            Ordering::Relaxed,
+        );
         buffer.extend(source.host_shard());
     }
-    let work = runtime.groups().all_gather_partition(buffer);
+    let work = crate::precision::all_gather_partition(runtime.groups(), dtype, buffer);
     let parts = sources.len();
     let shared = Arc::new(Mutex::new(Coalesced {
         work: Some(work),

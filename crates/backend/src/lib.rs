@@ -25,7 +25,7 @@
 //!   gathers; later steps gather ahead within a depth and a byte budget, and
 //!   fall back to on-demand gathers when the order changes.
 //! - Counters per rank ([`Counters`]): gathers, prefetch hits and misses,
-//!   bytes gathered, live and peak live gathered bytes, shard bytes, live and
+//!   bytes gathered (in compute and in wire precision), live and peak live gathered bytes, shard bytes, live and
 //!   peak live full-gradient bytes.
 //! - Gradients are packed into buckets as they become complete and each
 //!   bucket's reduce-scatter starts at once. With the cargo feature
@@ -42,6 +42,34 @@
 //! cannot return errors) with a message naming the collective, the
 //! parameter(s), the group's world ranks and the engine's error; the engines
 //! fail the collective on every rank, so every rank panics instead of hanging.
+//!
+//! # Mixed precision
+//!
+//! [`MicsRuntime::with_precision`] sets the element types of the
+//! collectives ([`Precision`]): with [`Precision::BF16`] parameters are
+//! all-gathered in bf16 (half the bytes of f32 on the wire;
+//! [`Counters::bytes_gathered_wire`] and the engines' `CommStats` show it)
+//! and gradients are reduce-scattered and all-reduced in bf16, while the
+//! shards stay f32 master copies, gradients accumulate in f32 and AdamW's
+//! moments are f32. Compute keeps the parameters' dtype: the gathered bf16
+//! values are widened back, so the forward and backward passes see
+//! bf16-rounded weights (NdArray has no bf16 tensors; on a backend that has
+//! them, build the model in bf16 for bf16 compute). For f16,
+//! [`ShardedOptimizer::with_loss_scale`] scales the loss
+//! ([`LossScale::Static`] or [`LossScale::Dynamic`], which skips steps whose
+//! gradients overflowed and halves the scale).
+//!
+//! ```
+//! # use std::sync::Arc;
+//! # use mics_comm::{Communicator, MicsGroups, ThreadsEngine, Topology};
+//! use mics_backend::{LossScale, MicsRuntime, PrefetchConfig, Precision};
+//! # ThreadsEngine::new(1).run(|world| {
+//! # let world: Arc<dyn Communicator> = Arc::new(world);
+//! # let groups = MicsGroups::new(world, Topology::new(1, 1, 1).unwrap()).unwrap();
+//! let runtime = MicsRuntime::with_precision(groups, PrefetchConfig::disabled(), Precision::BF16);
+//! assert_eq!(runtime.precision(), Precision::BF16);
+//! # }).unwrap();
+//! ```
 //!
 //! # Randomness
 //!
@@ -124,6 +152,7 @@ mod early;
 mod gather;
 mod ops;
 mod optim;
+mod precision;
 mod prefetch;
 mod random;
 mod reduce;
@@ -133,7 +162,8 @@ mod state;
 mod tensor;
 
 pub use backend::Mics;
-pub use optim::ShardedOptimizer;
+pub use optim::{LossScale, ShardedOptimizer};
+pub use precision::Precision;
 pub use runtime::{Counters, MicsRuntime, PrefetchConfig};
 pub use shard::{ShardInit, gather_module, shard_module};
 pub use state::{ParamShardState, StateError};

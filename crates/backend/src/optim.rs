@@ -6,6 +6,11 @@
 //! replication group, scaled to the mean over the global batch, optionally
 //! clipped by the global norm, and Burn's own per-tensor optimizer step
 //! (`SimpleOptimizer`: AdamW, SGD, ...) runs on the shard.
+//!
+//! Both hops move gradients in the runtime's [`Precision::reduce`](crate::Precision)
+//! element type and accumulate in `f32`. For fp16, a [`LossScale`] divides
+//! the gradients back before the step and, when dynamic, skips steps whose
+//! gradients overflowed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +20,8 @@ use burn::optim::{AdamW, AdamWConfig, LearningRate, Sgd, SgdConfig, SimpleOptimi
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use mics_comm::{Collectives, ReduceOp, Work};
+
+use crate::precision;
 
 use crate::gather::{local, primitive_to_vec, release_gathered};
 use crate::reduce::{DEFAULT_BUCKET_BYTES, done, ids_list};
@@ -34,6 +41,61 @@ pub struct ShardedOptimizer<B: Backend, O: SimpleOptimizer<B>> {
     pub(crate) micro_steps: usize,
     track_grad_norm: bool,
     last_grad_norm: Option<f32>,
+    loss_scaling: LossScale,
+    /// The current loss scale.
+    scale: f32,
+    /// Good steps in a row since the scale last changed (dynamic scaling).
+    good_steps: u32,
+    skipped_steps: u64,
+    last_step_skipped: bool,
+}
+
+/// Loss scaling, for training whose gradients travel in f16
+/// ([`Precision::FP16`](crate::Precision::FP16)): small gradients would
+/// flush to zero in f16, so the loss is multiplied by a scale before
+/// `backward()` and the optimizer divides the gradients by it before the step.
+///
+/// The caller multiplies each micro-step's loss by
+/// [`ShardedOptimizer::loss_scale`] (read it after the previous `step`);
+/// the optimizer unscales.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LossScale {
+    /// No scaling: a scale of 1 (the default).
+    None,
+    /// A fixed scale. A power of two scales and unscales `f32` gradients
+    /// exactly (barring overflow and subnormals).
+    Static(f32),
+    /// Dynamic scaling: start at `initial`; a step whose averaged gradients
+    /// hold an inf or NaN on any rank is skipped (parameters and optimizer
+    /// state unchanged, accumulated gradients dropped) and the scale halved;
+    /// after `growth_interval` good steps in a row the scale doubles. Costs
+    /// the global-norm all-reduce (one float) per step, which is also how
+    /// every rank learns of an overflow on another.
+    Dynamic {
+        /// The scale of the first step.
+        initial: f32,
+        /// Good steps in a row after which the scale doubles.
+        growth_interval: u32,
+    },
+}
+
+impl LossScale {
+    /// Dynamic scaling with PyTorch's `GradScaler` defaults: initial scale
+    /// 2^16, doubled after 2000 good steps.
+    pub fn dynamic() -> LossScale {
+        LossScale::Dynamic {
+            initial: 65536.0,
+            growth_interval: 2000,
+        }
+    }
+
+    fn initial(self) -> f32 {
+        match self {
+            LossScale::None => 1.0,
+            LossScale::Static(scale) => scale,
+            LossScale::Dynamic { initial, .. } => initial,
+        }
+    }
 }
 
 impl<B: Backend> ShardedOptimizer<B, AdamW> {
@@ -65,7 +127,41 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             micro_steps: 0,
             track_grad_norm: false,
             last_grad_norm: None,
+            loss_scaling: LossScale::None,
+            scale: 1.0,
+            good_steps: 0,
+            skipped_steps: 0,
+            last_step_skipped: false,
         }
+    }
+
+    /// Scale the loss (see [`LossScale`]): multiply every micro-step's loss
+    /// by [`loss_scale`](Self::loss_scale) before `backward()`; the step
+    /// divides the gradients by it (and, when dynamic, skips steps whose
+    /// gradients overflowed).
+    pub fn with_loss_scale(mut self, scaling: LossScale) -> Self {
+        self.loss_scaling = scaling;
+        self.scale = scaling.initial();
+        self.good_steps = 0;
+        self
+    }
+
+    /// The factor to multiply the loss by before `backward()` (1 without
+    /// loss scaling). With dynamic scaling it changes at [`step`](Self::step).
+    pub fn loss_scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// Steps skipped because their gradients held an inf or NaN (dynamic
+    /// loss scaling).
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped_steps
+    }
+
+    /// Whether the last [`step`](Self::step) was skipped (dynamic loss
+    /// scaling, overflowed gradients).
+    pub fn last_step_skipped(&self) -> bool {
+        self.last_step_skipped
     }
 
     /// Clip gradients by their global L2 norm (over every parameter of the
@@ -187,6 +283,7 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             })
             .collect();
         let p = self.runtime.partition_size();
+        let dtype = self.runtime.precision().reduce;
         let groups = buckets(&accumulated, self.bucket_bytes / p.max(1), Vec::len);
         let pending: Vec<PendingBucket> = groups
             .into_iter()
@@ -198,15 +295,16 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
                     .collect();
                 let lens = bucket.iter().map(|&i| accumulated[i].len()).collect();
                 let work = if replication.size() == 1 {
-                    done(buffer)
+                    done(precision::rounded(dtype, buffer))
                 } else {
-                    replication.all_reduce(buffer, ReduceOp::Sum)
+                    precision::all_reduce(replication, dtype, buffer)
                 };
                 (ids, lens, work)
             })
             .collect();
         let world = self.runtime.groups().world().size();
-        let scale = 1.0 / (world * self.micro_steps) as f32;
+        // The mean over the global batch, and the loss scale undone.
+        let scale = 1.0 / ((world * self.micro_steps) as f32 * self.scale);
         let mut grads: Vec<Vec<f32>> = Vec::with_capacity(accumulated.len());
         for (ids, lens, work) in pending {
             let summed = work.wait().unwrap_or_else(|err| {
@@ -223,9 +321,32 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             );
         }
         drop(accumulated);
-        if self.clip_norm.is_some() || self.track_grad_norm {
+        let dynamic = matches!(self.loss_scaling, LossScale::Dynamic { .. });
+        self.last_step_skipped = false;
+        if self.clip_norm.is_some() || self.track_grad_norm || dynamic {
             let norm = self.global_norm(&grads);
             self.last_grad_norm = Some(norm);
+            if let LossScale::Dynamic {
+                growth_interval, ..
+            } = self.loss_scaling
+            {
+                // The norm is summed over the partition group and the
+                // replicas agree after the all-reduce, so every rank sees
+                // the same verdict.
+                if !norm.is_finite() {
+                    self.scale /= 2.0;
+                    self.good_steps = 0;
+                    self.skipped_steps += 1;
+                    self.last_step_skipped = true;
+                    self.micro_steps = 0;
+                    return module;
+                }
+                self.good_steps += 1;
+                if self.good_steps >= growth_interval {
+                    self.scale *= 2.0;
+                    self.good_steps = 0;
+                }
+            }
             let coef = match self.clip_norm {
                 Some(max_norm) => (max_norm / (norm + f32::MIN_POSITIVE)).min(1.0),
                 None => 1.0,

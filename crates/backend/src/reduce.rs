@@ -15,13 +15,18 @@
 //!
 //! Every rank of a partition group runs the same program, so gradients arrive
 //! in the same order on every rank and the buckets and collectives match.
+//!
+//! A bucket travels in the runtime's [`Precision::reduce`](crate::Precision)
+//! element type (rounded from `f32` just before its reduce-scatter) and its
+//! reduced shards are widened back to `f32` for accumulation.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
 use burn::module::ParamId;
-use mics_comm::{Buffer, Collectives, ReduceOp, Sharding, Work};
+use mics_comm::{Buffer, Sharding, Work};
 
+use crate::precision;
 use crate::runtime::MicsRuntime;
 
 /// Reduce-scatters left in flight before the oldest is waited for: one can
@@ -156,10 +161,11 @@ fn flush(st: &mut State, runtime: &MicsRuntime) {
     }
     let ids = open.into_iter().map(|(id, _)| id).collect();
     let lens = shardings.iter().map(Sharding::shard_len).collect();
+    let dtype = runtime.precision().reduce;
     let work = if p == 1 {
-        done(buffer)
+        done(precision::rounded(dtype, buffer))
     } else {
-        partition.reduce_scatter(buffer, ReduceOp::Sum)
+        precision::reduce_scatter(partition, dtype, buffer)
     };
     st.in_flight.push_back(InFlight {
         ids,

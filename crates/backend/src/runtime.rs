@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use mics_comm::MicsGroups;
 
+use crate::Precision;
 use crate::prefetch::Prefetcher;
 use crate::reduce::GradReducer;
 
@@ -23,8 +24,13 @@ pub struct Counters {
     /// Gathers issued on demand once an order had been recorded (prefetch
     /// fell behind, or the order changed).
     pub prefetch_misses: u64,
-    /// Bytes of gathered (full, unpadded) parameters produced.
+    /// Bytes of gathered (full, unpadded) parameters produced, in the
+    /// parameters' dtype (what compute sees).
     pub bytes_gathered: u64,
+    /// The same parameters' bytes in the gather's element type
+    /// ([`Precision::gather`]): what the all-gathers carry (before the
+    /// engine's ring accounting), half of `bytes_gathered` in bf16.
+    pub bytes_gathered_wire: u64,
     /// Gathered bytes alive right now: held by an op or waiting in the prefetch cache.
     pub live_gathered_bytes: u64,
     /// The most gathered bytes alive at once since the last [`MicsRuntime::reset_peak`].
@@ -52,6 +58,7 @@ pub(crate) struct AtomicCounters {
     pub prefetch_hits: AtomicU64,
     pub prefetch_misses: AtomicU64,
     pub bytes_gathered: AtomicU64,
+    pub bytes_gathered_wire: AtomicU64,
     pub live: AtomicU64,
     pub peak_live: AtomicU64,
     pub shard_bytes: AtomicU64,
@@ -89,6 +96,7 @@ pub struct MicsRuntime {
     pub(crate) counters: AtomicCounters,
     pub(crate) prefetcher: Prefetcher,
     pub(crate) grads: GradReducer,
+    precision: Precision,
 }
 
 impl MicsRuntime {
@@ -99,12 +107,31 @@ impl MicsRuntime {
 
     /// A runtime over this rank's groups with the given prefetch settings.
     pub fn with_prefetch(groups: MicsGroups, prefetch: PrefetchConfig) -> Arc<MicsRuntime> {
+        Self::with_precision(groups, prefetch, Precision::FP32)
+    }
+
+    /// A runtime over this rank's groups with the given prefetch settings
+    /// and mixed precision: the element types parameters are all-gathered
+    /// and gradients reduced in ([`Precision`]; shards, accumulated
+    /// gradients and optimizer states stay `f32`). Every rank of the world
+    /// must use the same precision.
+    pub fn with_precision(
+        groups: MicsGroups,
+        prefetch: PrefetchConfig,
+        precision: Precision,
+    ) -> Arc<MicsRuntime> {
         Arc::new(MicsRuntime {
             groups,
             counters: AtomicCounters::default(),
             prefetcher: Prefetcher::new(prefetch),
             grads: GradReducer::default(),
+            precision,
         })
+    }
+
+    /// The element types of this runtime's collectives.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The partition, replication and node groups of this rank.
@@ -131,6 +158,7 @@ impl MicsRuntime {
             prefetch_hits: c.prefetch_hits.load(Ordering::Relaxed),
             prefetch_misses: c.prefetch_misses.load(Ordering::Relaxed),
             bytes_gathered: c.bytes_gathered.load(Ordering::Relaxed),
+            bytes_gathered_wire: c.bytes_gathered_wire.load(Ordering::Relaxed),
             live_gathered_bytes: c.live.load(Ordering::Relaxed),
             peak_live_gathered_bytes: c.peak_live.load(Ordering::Relaxed),
             shard_bytes: c.shard_bytes.load(Ordering::Relaxed),

@@ -72,6 +72,11 @@ impl<B: Backend> ShardedParam<B> {
     pub(crate) fn full_bytes(&self) -> u64 {
         (self.sharding.numel() * self.dtype.size()) as u64
     }
+
+    /// Bytes of the full parameter in the gather's element type.
+    pub(crate) fn wire_bytes(&self) -> u64 {
+        (self.sharding.numel() * self.runtime.precision().gather.size()) as u64
+    }
 }
 
 impl<B: Backend> Drop for ShardedParam<B> {
