@@ -139,7 +139,14 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
     /// by [`loss_scale`](Self::loss_scale) before `backward()`; the step
     /// divides the gradients by it (and, when dynamic, skips steps whose
     /// gradients overflowed).
+    ///
+    /// Panics if the (initial) scale is not finite and positive.
     pub fn with_loss_scale(mut self, scaling: LossScale) -> Self {
+        let initial = scaling.initial();
+        assert!(
+            initial.is_finite() && initial > 0.0,
+            "mics: loss scale {initial} is not finite and positive"
+        );
         self.loss_scaling = scaling;
         self.scale = scaling.initial();
         self.good_steps = 0;
@@ -194,8 +201,9 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
         self
     }
 
-    /// The global L2 norm of the averaged gradient at the last step (before
-    /// clipping), when clipping or norm tracking is on.
+    /// The global L2 norm of the averaged, unscaled gradient at the last step
+    /// (before clipping), when clipping, norm tracking or dynamic loss
+    /// scaling is on (inf or NaN for a step skipped on overflow).
     pub fn last_grad_norm(&self) -> Option<f32> {
         self.last_grad_norm
     }
