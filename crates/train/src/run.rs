@@ -401,30 +401,42 @@ fn open_data(ctx: &RunContext) -> Result<RankData, TrainError> {
     })
 }
 
-/// The batch of `windows` for the run's task. For masked LM, `all` is the
-/// whole global batch, whose selected-token count sets the loss scale.
+/// The masked-LM loss scale of one global batch `all` (N·s / its selected
+/// tokens, see [`Batch::Mlm`]); `None` for causal LM. Computed once per
+/// global batch, not per micro-step.
+fn mlm_scale(
+    ctx: &RunContext,
+    tokens: &TokenFile,
+    all: impl FnOnce() -> Vec<usize>,
+) -> Result<Option<f32>, TrainError> {
+    if ctx.spec.kind() != ModelType::Bert {
+        return Ok(None);
+    }
+    let c = &ctx.config;
+    let (special, vocab, seed) = (&ctx.meta.special, ctx.meta.vocab_size, c.train.seed);
+    let total = mlm_batch(tokens, &all(), c.data.seq_len, special, vocab, seed)?
+        .masked
+        .max(1);
+    let ranks_micro = c.parallel.world * c.train.grad_accum;
+    Ok(Some(ranks_micro as f32 / total as f32))
+}
+
+/// The batch of `windows` for the run's task (`scale` from [`mlm_scale`]).
 fn make_batch(
     ctx: &RunContext,
     tokens: &TokenFile,
     windows: &[usize],
-    all: &[usize],
+    scale: Option<f32>,
 ) -> Result<Batch, TrainError> {
     let c = &ctx.config;
     let seq = c.data.seq_len;
-    Ok(match ctx.spec.kind() {
-        ModelType::Gpt2 => Batch::Lm(lm_batch(tokens, windows, seq)),
-        ModelType::Bert => {
+    Ok(match (ctx.spec.kind(), scale) {
+        (ModelType::Bert, Some(scale)) => {
             let (special, vocab, seed) = (&ctx.meta.special, ctx.meta.vocab_size, c.train.seed);
             let batch = mlm_batch(tokens, windows, seq, special, vocab, seed)?;
-            let total = mlm_batch(tokens, all, seq, special, vocab, seed)?
-                .masked
-                .max(1);
-            let ranks_micro = c.parallel.world * c.train.grad_accum;
-            Batch::Mlm {
-                batch,
-                scale: ranks_micro as f32 / total as f32,
-            }
+            Batch::Mlm { batch, scale }
         }
+        _ => Batch::Lm(lm_batch(tokens, windows, seq)),
     })
 }
 
@@ -513,15 +525,11 @@ where
         runtime.begin_step();
         // Dropout masks: a function of (seed, step, rank), see the crate docs.
         Train::seed(&device, mix(t.seed, step, rank as u64));
-        let all = if ctx.spec.kind() == ModelType::Bert {
-            data.sampler.global_batch(step)
-        } else {
-            Vec::new()
-        };
+        let scale = mlm_scale(ctx, &data.train, || data.sampler.global_batch(step))?;
         let mut loss_sum = 0.0f32;
         for micro in 0..s {
             let windows = data.sampler.micro_batch(step, rank, n, s, micro)?;
-            let batch = make_batch(ctx, &data.train, &windows, &all)?;
+            let batch = make_batch(ctx, &data.train, &windows, scale)?;
             let loss = model.loss(&batch, &device);
             loss_sum += loss.clone().into_scalar();
             optim.accumulate(&model, loss.backward());
@@ -645,16 +653,14 @@ where
     let mut sum = 0.0f32;
     for batch_index in 0..c.train.eval_batches {
         runtime.begin_step();
-        let all = if ctx.spec.kind() == ModelType::Bert {
+        let scale = mlm_scale(ctx, &data.val, || {
             data.val_sampler.global_batch(batch_index)
-        } else {
-            Vec::new()
-        };
+        })?;
         for micro in 0..s {
             let windows = data
                 .val_sampler
                 .micro_batch(batch_index, rank, n, s, micro)?;
-            let batch = make_batch(ctx, &data.val, &windows, &all)?;
+            let batch = make_batch(ctx, &data.val, &windows, scale)?;
             sum += model.loss(&batch, &device).into_scalar();
         }
     }
