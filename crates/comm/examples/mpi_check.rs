@@ -40,8 +40,8 @@ mod check {
     use half::{bf16, f16};
     use mics_comm::mpi::{MpiComm, MpiEngine};
     use mics_comm::{
-        Buffer, CollectiveKind, Collectives, CommError, Communicator, Element, MicsGroups,
-        ReduceOp, Sharding, ThreadsEngine, Topology, Work, all_gather_unpadded,
+        Buffer, CollectiveKind, Collectives, CommError, Communicator, Element, Fingerprint,
+        MicsGroups, ReduceOp, Sharding, ThreadsEngine, Topology, Work, all_gather_unpadded,
         reduce_scatter_padded,
     };
 
@@ -449,6 +449,43 @@ mod check {
         c.check(
             "all_reduce with another op on one rank: Mismatch on every rank",
             is_mismatch(&got, last),
+            || format!("{got:?}"),
+        );
+
+        // Equal lengths, other pieces: only the fingerprint tells them apart.
+        let (a, b) = ([7u64, 3], [9u64, 3]);
+        let tag = if rank == last {
+            Fingerprint::of_pieces([b, a])
+        } else {
+            Fingerprint::of_pieces([a, b])
+        };
+        let got = comm.all_gather_with(vec![0.0f32; 6], tag).wait();
+        c.check(
+            "all_gather of a buffer packed in another order on one rank: Mismatch on every rank",
+            is_mismatch(&got, last),
+            || format!("{got:?}"),
+        );
+        let got = comm
+            .reduce_scatter_with(vec![1.0f32; 2 * p], ReduceOp::Sum, tag)
+            .wait();
+        c.check(
+            "reduce_scatter of a bucket packed in another order on one rank: Mismatch on every rank",
+            is_mismatch(&got, last),
+            || format!("{got:?}"),
+        );
+        let got = comm
+            .all_reduce_with(vec![1.0f32; 6], ReduceOp::Sum, tag)
+            .wait();
+        c.check(
+            "all_reduce of a bucket packed in another order on one rank: Mismatch on every rank",
+            is_mismatch(&got, last),
+            || format!("{got:?}"),
+        );
+        let same = Fingerprint::of_pieces([a, b]);
+        let got = comm.all_gather_with(vec![1.0f32; 6], same).wait();
+        c.check(
+            "all_gather with matching fingerprints succeeds",
+            got.as_ref().is_ok_and(|v| v.len() == 6 * p),
             || format!("{got:?}"),
         );
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::{Buffer, CommError, Communicator, Element, Topology, Work};
+use crate::{Buffer, CommError, Communicator, Element, Fingerprint, Topology, Work};
 
 /// One rank's communicators for a [`Topology`], split from its world
 /// communicator: partition, replication, and the two stages of the
@@ -97,11 +97,26 @@ impl MicsGroups {
     /// the group spans several nodes (`p > k`), flat otherwise. The result is
     /// the same either way, in partition-rank order.
     pub fn all_gather_partition<E: Element>(&self, shard: Vec<E>) -> Work<Vec<E>> {
+        self.all_gather_partition_with(shard, Fingerprint::NONE)
+    }
+
+    /// [`MicsGroups::all_gather_partition`] with a [`Fingerprint`] of what
+    /// the shard holds, checked on every stage.
+    pub fn all_gather_partition_with<E: Element>(
+        &self,
+        shard: Vec<E>,
+        tag: Fingerprint,
+    ) -> Work<Vec<E>> {
         let buffer = E::into_buffer(shard);
         let work = if self.topology.is_hierarchical() {
-            hierarchical_all_gather(self.inter_node.as_ref(), self.intra_node.as_ref(), buffer)
+            hierarchical_all_gather(
+                self.inter_node.as_ref(),
+                self.intra_node.as_ref(),
+                buffer,
+                tag,
+            )
         } else {
-            self.partition.all_gather_buffer(buffer)
+            self.partition.all_gather_tagged(buffer, tag)
         };
         work.map(|b| {
             let dtype = b.dtype();
@@ -130,12 +145,13 @@ pub fn hierarchical_all_gather(
     inter: &dyn Communicator,
     intra: &dyn Communicator,
     shard: Buffer,
+    tag: Fingerprint,
 ) -> Work {
     let nodes = inter.size();
     let k = intra.size();
-    let stage1 = inter.all_gather_buffer(shard);
+    let stage1 = inter.all_gather_tagged(shard, tag);
     intra
-        .all_gather_deferred(stage1)
+        .all_gather_deferred_tagged(stage1, tag)
         .map(move |bundles| Ok(interleave(bundles, nodes, k)))
 }
 

@@ -48,7 +48,7 @@ mod topology;
 mod work;
 
 pub use buffer::{Buffer, DType, Element};
-pub use communicator::{CollectiveKind, Collectives, Communicator, OpDesc, ReduceOp};
+pub use communicator::{CollectiveKind, Collectives, Communicator, Fingerprint, OpDesc, ReduceOp};
 pub use error::CommError;
 pub use groups::{MicsGroups, hierarchical_all_gather};
 pub use reduce::{concat, reduce_range};

@@ -95,12 +95,13 @@ use ::mpi::request::{Request, Scope};
 use ::mpi::topology::{Color, SimpleCommunicator};
 use ::mpi::traits::{Communicator as _, CommunicatorCollectives, Equivalence, Root};
 
-use crate::communicator::{Input, OpDesc, check_matching, validate_local};
+use crate::communicator::{Input, OpDesc, WireDesc, check_matching, validate_local};
 use crate::reduce::{concat, reduce_range};
 use crate::stats::ring_bytes;
 use crate::work::AbortFn;
 use crate::{
-    Buffer, CollectiveKind, CommError, CommStats, Communicator, DType, ReduceOp, SentBytes, Work,
+    Buffer, CollectiveKind, CommError, CommStats, Communicator, Fingerprint, ReduceOp, SentBytes,
+    Work,
 };
 
 /// Default time a collective waits for the other ranks before the job is
@@ -430,7 +431,7 @@ impl MpiComm {
                 id: self.id,
                 seq,
                 rank: self.rank,
-                desc: OpDesc::queued(CollectiveKind::Split, None, None),
+                desc: OpDesc::queued(CollectiveKind::Split, None, None, Fingerprint::NONE),
                 nodes: self.nodes.clone(),
                 color,
                 key,
@@ -608,57 +609,6 @@ fn real_nodes(world: &SimpleCommunicator) -> Vec<usize> {
         .collect()
 }
 
-/// Descriptor words exchanged before every collective.
-const DESC_WORDS: usize = 8;
-
-fn encode(desc: &OpDesc, failed: bool, color: usize, key: usize) -> [u64; DESC_WORDS] {
-    let dtype = match desc.dtype {
-        None => 0,
-        Some(DType::F32) => 1,
-        Some(DType::Bf16) => 2,
-        Some(DType::F16) => 3,
-    };
-    let op = match desc.op {
-        None => 0,
-        Some(ReduceOp::Sum) => 1,
-        Some(ReduceOp::Mean) => 2,
-        Some(ReduceOp::Max) => 3,
-    };
-    [
-        desc.kind.index() as u64,
-        dtype,
-        desc.len as u64,
-        op,
-        desc.root.map_or(0, |r| r as u64 + 1),
-        failed as u64,
-        color as u64,
-        key as u64,
-    ]
-}
-
-fn decode(words: &[u64]) -> OpDesc {
-    OpDesc {
-        kind: CollectiveKind::ALL
-            .get(words[0] as usize)
-            .copied()
-            .unwrap_or(CollectiveKind::Barrier),
-        dtype: match words[1] {
-            1 => Some(DType::F32),
-            2 => Some(DType::Bf16),
-            3 => Some(DType::F16),
-            _ => None,
-        },
-        len: words[2] as usize,
-        op: match words[3] {
-            1 => Some(ReduceOp::Sum),
-            2 => Some(ReduceOp::Mean),
-            3 => Some(ReduceOp::Max),
-            _ => None,
-        },
-        root: words[4].checked_sub(1).map(|r| r as usize),
-    }
-}
-
 /// The raw unit a dtype travels as: its bits, never its value.
 trait Unit: bytemuck::Pod + Equivalence {}
 impl Unit for u16 {}
@@ -790,27 +740,28 @@ impl Ctx {
     fn exchange(
         &mut self,
         call: &Call,
-        mine: [u64; DESC_WORDS],
+        mine: WireDesc,
         input_error: Option<CommError>,
         started: Instant,
-    ) -> Result<Vec<[u64; DESC_WORDS]>, CommError> {
+    ) -> Result<Vec<WireDesc>, CommError> {
         let slot = &self.slots[call.id];
         if let Some(err) = &slot.poisoned {
             return Err(err.poisoned());
         }
         let size = slot.comm.size() as usize;
-        let mut all = vec![0u64; DESC_WORDS * size];
+        let mut all = vec![0u64; WireDesc::WORDS * size];
+        let mine = mine.encode();
         ::mpi::request::scope(|scope| {
             let request = slot
                 .comm
                 .immediate_all_gather_into(scope, &mine[..], &mut all[..]);
             self.poll(request, call.desc.kind, call.seq, started);
         });
-        let words: Vec<[u64; DESC_WORDS]> = all
-            .chunks_exact(DESC_WORDS)
-            .map(|c| c.try_into().expect("chunks of DESC_WORDS"))
+        let words: Vec<WireDesc> = all
+            .chunks_exact(WireDesc::WORDS)
+            .map(WireDesc::decode)
             .collect();
-        if let Some(failed) = words.iter().position(|w| w[5] != 0) {
+        if let Some(failed) = words.iter().position(|w| w.status != WireDesc::STATUS_OK) {
             let err = input_error.unwrap_or_else(|| CommError::Engine {
                 engine: ENGINE,
                 message: format!(
@@ -822,7 +773,7 @@ impl Ctx {
             self.slots[call.id].poisoned = Some(err.clone());
             return Err(err);
         }
-        let descs: Vec<OpDesc> = words.iter().map(|w| decode(w)).collect();
+        let descs: Vec<OpDesc> = words.iter().map(|w| w.desc).collect();
         check_matching(call.seq, &descs)?;
         Ok(words)
     }
@@ -861,7 +812,12 @@ impl Ctx {
                 .unwrap_or_else(|e| e.into_inner())
                 .record(call.desc.kind, SentBytes::default());
         }
-        let mine = encode(&call.desc, input_error.is_some(), 0, 0);
+        let status = if input_error.is_some() {
+            WireDesc::STATUS_INPUT_FAILED
+        } else {
+            WireDesc::STATUS_OK
+        };
+        let mine = WireDesc::new(call.desc, status, 0, 0);
         self.exchange(&call, mine, input_error, started)?;
         // Descriptors match: every rank passed the same arguments.
         let size = call.nodes.len();
@@ -1014,16 +970,16 @@ impl Ctx {
     /// communicator, ordered by `(key, rank)`.
     fn split(&mut self, call: Call, world_ranks: &[usize]) -> Result<Made, CommError> {
         let started = Instant::now();
-        let mine = encode(&call.desc, false, call.color, call.key);
+        let mine = WireDesc::new(call.desc, WireDesc::STATUS_OK, call.color, call.key);
         let words = self.exchange(&call, mine, None, started)?;
-        let mut colors: Vec<u64> = words.iter().map(|w| w[6]).collect();
+        let mut colors: Vec<usize> = words.iter().map(|w| w.color).collect();
         colors.sort_unstable();
         colors.dedup();
-        let my_color = call.color as u64;
+        let my_color = call.color;
         let mut members: Vec<usize> = (0..words.len())
-            .filter(|&r| words[r][6] == my_color)
+            .filter(|&r| words[r].color == my_color)
             .collect();
-        members.sort_by_key(|&r| (words[r][7], r));
+        members.sort_by_key(|&r| (words[r].key, r));
         let new_rank = members
             .iter()
             .position(|&r| r == call.rank)

@@ -80,7 +80,7 @@ use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut, DriverErr
 use cudarc::nccl::result::{self as nccl, NcclError};
 use cudarc::nccl::sys;
 
-use crate::communicator::{Input, OpDesc, check_matching, validate_local};
+use crate::communicator::{Input, OpDesc, WireDesc, check_matching, validate_local};
 use crate::stats::ring_bytes;
 use crate::work::AbortFn;
 use crate::{Buffer, CollectiveKind, CommError, CommStats, Communicator, DType, ReduceOp, Work};
@@ -974,50 +974,8 @@ impl Worker {
     }
 }
 
-// The descriptor of a collective: eight u64s.
-const DESC_LEN: usize = 8;
-const NONE: u64 = u64::MAX;
-const STATUS_OK: u64 = 0;
-const STATUS_INPUT_FAILED: u64 = 1;
-
-fn encode(desc: &OpDesc, color: usize, key: usize, status: u64) -> [u64; DESC_LEN] {
-    [
-        desc.kind.index() as u64,
-        desc.dtype.map_or(NONE, |d| d as u64),
-        desc.len as u64,
-        desc.op.map_or(NONE, |o| o as u64),
-        desc.root.map_or(NONE, |r| r as u64),
-        color as u64,
-        key as u64,
-        status,
-    ]
-}
-
-fn decode(words: &[u64]) -> (OpDesc, usize, usize, u64) {
-    let dtype = match words[1] {
-        0 => Some(DType::F32),
-        1 => Some(DType::Bf16),
-        2 => Some(DType::F16),
-        _ => None,
-    };
-    let op = match words[3] {
-        0 => Some(ReduceOp::Sum),
-        1 => Some(ReduceOp::Mean),
-        2 => Some(ReduceOp::Max),
-        _ => None,
-    };
-    let desc = OpDesc {
-        kind: CollectiveKind::ALL
-            .get(words[0] as usize)
-            .copied()
-            .unwrap_or(CollectiveKind::Barrier),
-        dtype,
-        len: words[2] as usize,
-        op,
-        root: (words[4] != NONE).then_some(words[4] as usize),
-    };
-    (desc, words[5] as usize, words[6] as usize, words[7])
-}
+const STATUS_OK: u64 = WireDesc::STATUS_OK;
+const STATUS_INPUT_FAILED: u64 = WireDesc::STATUS_INPUT_FAILED;
 
 /// The descriptors of every rank, with split colours/keys and input status.
 struct Exchanged {
@@ -1038,9 +996,15 @@ fn exchange_descs(
     status: u64,
 ) -> Result<Exchanged, CommError> {
     let words = if check || matches!(desc.kind, CollectiveKind::Split | CollectiveKind::Barrier) {
-        w.exchange_u64(desc.kind, seq, &encode(desc, color, key, status))?
+        w.exchange_u64(
+            desc.kind,
+            seq,
+            &WireDesc::new(*desc, status, color, key).encode(),
+        )?
     } else {
-        encode(desc, color, key, status).repeat(w.size)
+        WireDesc::new(*desc, status, color, key)
+            .encode()
+            .repeat(w.size)
     };
     let mut out = Exchanged {
         descs: Vec::with_capacity(w.size),
@@ -1048,12 +1012,12 @@ fn exchange_descs(
         keys: Vec::with_capacity(w.size),
         status: Vec::with_capacity(w.size),
     };
-    for chunk in words.chunks(DESC_LEN) {
-        let (d, c, k, s) = decode(chunk);
-        out.descs.push(d);
-        out.colors.push(c);
-        out.keys.push(k);
-        out.status.push(s);
+    for chunk in words.chunks(WireDesc::WORDS) {
+        let wire = WireDesc::decode(chunk);
+        out.descs.push(wire.desc);
+        out.colors.push(wire.color);
+        out.keys.push(wire.key);
+        out.status.push(wire.status);
     }
     Ok(out)
 }
@@ -1610,28 +1574,6 @@ mod tests {
         assert!(v.at_least(2, 30, 3));
         assert!(!NcclVersion::from_code(22703).at_least(2, 30, 3));
         assert_eq!(NcclVersion::from_code(2804).to_string(), "2.8.4");
-    }
-
-    #[test]
-    fn descriptors_round_trip() {
-        let d = OpDesc {
-            kind: CollectiveKind::Broadcast,
-            dtype: Some(DType::Bf16),
-            len: 17,
-            op: None,
-            root: Some(3),
-        };
-        let (back, color, key, status) = decode(&encode(&d, 5, 9, STATUS_INPUT_FAILED));
-        assert_eq!(back, d);
-        assert_eq!((color, key, status), (5, 9, STATUS_INPUT_FAILED));
-        let r = OpDesc {
-            kind: CollectiveKind::ReduceScatter,
-            dtype: Some(DType::F16),
-            len: 8,
-            op: Some(ReduceOp::Max),
-            root: None,
-        };
-        assert_eq!(decode(&encode(&r, 0, 0, STATUS_OK)).0, r);
     }
 
     #[test]

@@ -24,7 +24,9 @@ use crate::communicator::{Input, OpDesc, check_matching, validate_local};
 use crate::reduce::{concat, reduce_range};
 use crate::stats::ring_bytes;
 use crate::work::AbortFn;
-use crate::{Buffer, CollectiveKind, CommError, CommStats, Communicator, ReduceOp, Work};
+use crate::{
+    Buffer, CollectiveKind, CommError, CommStats, Communicator, Fingerprint, ReduceOp, Work,
+};
 
 /// Default time a collective waits for the other ranks.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -618,7 +620,7 @@ impl ThreadComm {
     pub fn split_threads(&self, color: usize, key: usize) -> Result<ThreadComm, CommError> {
         let (tx, rx) = mpsc::channel();
         let post = Post {
-            desc: OpDesc::queued(CollectiveKind::Split, None, None),
+            desc: OpDesc::queued(CollectiveKind::Split, None, None, Fingerprint::NONE),
             data: None,
             color,
             key,

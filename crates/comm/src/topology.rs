@@ -28,6 +28,17 @@ pub enum TopologyError {
         /// Partition size p.
         partition_size: usize,
     },
+    /// `p < k` and `p` does not divide `k`: some partition group would
+    /// straddle two nodes with part of its ranks on each.
+    #[error(
+        "partition size ({partition_size}) is smaller than ranks per node ({ranks_per_node}) but does not divide it, so some partition group would straddle two nodes: p must divide k (groups inside a node) or be a multiple of k (groups of whole nodes)"
+    )]
+    PartitionStraddlesNodes {
+        /// Partition size p.
+        partition_size: usize,
+        /// Ranks per node k.
+        ranks_per_node: usize,
+    },
     /// `p > k` and `k` does not divide `p`.
     #[error(
         "partition size ({partition_size}) spans several nodes, so it must be a multiple of ranks per node ({ranks_per_node}) for the hierarchical all-gather"
@@ -42,6 +53,12 @@ pub enum TopologyError {
 
 /// World of `N` ranks, `k` per node, partition groups of `p` ranks
 /// (DESIGN.md, "What MiCS is"). Ranks are numbered node by node.
+///
+/// Valid layouts: `k` and `p` divide `N`, and a partition group either lies
+/// inside one node (`p` divides `k`) or is made of whole nodes (`k` divides
+/// `p`, gathered hierarchically). Anything else would put part of a group on
+/// one node and part on the next, which neither gather handles correctly,
+/// and is rejected.
 ///
 /// - partition group `g` = ranks `[g*p, (g+1)*p)`; it holds one full replica
 ///   of the model states, each rank `1/p` of it;
@@ -84,6 +101,12 @@ impl Topology {
             return Err(TopologyError::PartitionUneven {
                 world,
                 partition_size,
+            });
+        }
+        if partition_size < ranks_per_node && !ranks_per_node.is_multiple_of(partition_size) {
+            return Err(TopologyError::PartitionStraddlesNodes {
+                partition_size,
+                ranks_per_node,
             });
         }
         if partition_size > ranks_per_node && !partition_size.is_multiple_of(ranks_per_node) {

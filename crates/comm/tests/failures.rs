@@ -3,7 +3,10 @@
 use std::time::{Duration, Instant};
 
 use half::bf16;
-use mics_comm::{Collectives, CommError, Communicator, ReduceOp, ThreadsEngine};
+use mics_comm::{
+    Collectives, CommError, Communicator, Fingerprint, MicsGroups, ReduceOp, ThreadsEngine,
+    Topology,
+};
 
 #[test]
 fn a_rank_that_panics_fails_its_peers_collectives_promptly() {
@@ -165,6 +168,92 @@ fn mismatched_kinds_dtypes_and_ops_are_errors() {
         ] {
             assert!(matches!(err, CommError::Mismatch { rank: 1, .. }), "{err}");
         }
+    }
+}
+
+/// Two packed buffers of the same total length whose pieces differ (the
+/// same two parameters packed in another order on one rank) pass every
+/// length check: only the fingerprint tells them apart.
+#[test]
+fn packed_buffers_with_other_pieces_are_a_mismatch_on_every_rank() {
+    let results = ThreadsEngine::new(4)
+        .run(|comm| {
+            let r = comm.rank();
+            // Pieces: (identity, length). Rank 3 packs b before a.
+            let (a, b) = ([7u64, 3], [9u64, 3]);
+            let tag = if r == 3 {
+                Fingerprint::of_pieces([b, a])
+            } else {
+                Fingerprint::of_pieces([a, b])
+            };
+            let gather = comm.all_gather_with(vec![r as f32; 6], tag).wait();
+            let reduce = comm
+                .reduce_scatter_with(vec![1.0f32; 8], ReduceOp::Sum, tag)
+                .wait();
+            let all = comm
+                .all_reduce_with(vec![1.0f32; 6], ReduceOp::Sum, tag)
+                .wait();
+            // An unfingerprinted collective does not match a fingerprinted one.
+            let plain = if r == 0 {
+                comm.all_gather(vec![0.0f32; 2]).wait()
+            } else {
+                comm.all_gather_with(vec![0.0f32; 2], tag).wait()
+            };
+            // Matching fingerprints go through, and the group is still usable.
+            let same = comm
+                .all_gather_with(vec![r as f32], Fingerprint::of_pieces([a]))
+                .wait();
+            (gather, reduce, all, plain, same)
+        })
+        .unwrap();
+    for result in results {
+        let (gather, reduce, all, plain, same) = result.unwrap();
+        for err in [gather.unwrap_err(), reduce.unwrap_err(), all.unwrap_err()] {
+            match err {
+                CommError::Mismatch {
+                    rank,
+                    expected,
+                    found,
+                    ..
+                } => {
+                    assert_eq!(rank, 3);
+                    assert!(expected.contains("with fingerprint"), "{expected}");
+                    assert_ne!(expected, found);
+                }
+                other => panic!("expected a mismatch, got {other}"),
+            }
+        }
+        assert!(
+            matches!(plain, Err(CommError::Mismatch { rank: 1, .. })),
+            "{plain:?}"
+        );
+        assert_eq!(same.unwrap(), vec![0.0, 1.0, 2.0, 3.0]);
+    }
+}
+
+/// The hierarchical all-gather checks the fingerprint on both stages.
+#[test]
+fn hierarchical_gathers_check_fingerprints() {
+    let topology = Topology::new(4, 2, 4).unwrap();
+    let results = ThreadsEngine::new(4)
+        .ranks_per_node(2)
+        .run(|comm| {
+            let r = comm.rank();
+            let world: std::sync::Arc<dyn Communicator> = std::sync::Arc::new(comm);
+            let groups = MicsGroups::new(world, topology).unwrap();
+            assert!(topology.is_hierarchical());
+            let tag = Fingerprint::of_pieces([[u64::from(r == 2), 2]]);
+            groups
+                .all_gather_partition_with(vec![r as f32; 2], tag)
+                .wait()
+        })
+        .unwrap();
+    for (r, result) in results.into_iter().enumerate() {
+        let err = result.unwrap().unwrap_err();
+        assert!(
+            matches!(err, CommError::Mismatch { .. } | CommError::Poisoned(_)),
+            "rank {r}: {err}"
+        );
     }
 }
 

@@ -83,13 +83,24 @@ fn paper_example_two_nodes_of_two_partition_four() {
 }
 
 #[test]
-fn partition_not_dividing_the_node_is_allowed_and_flat() {
-    // p=3 < k=4: partition groups cross node boundaries unevenly, which is
-    // allowed; gathers stay flat.
-    let t = Topology::new(12, 4, 3).unwrap();
-    assert!(!t.is_hierarchical());
-    assert_eq!(t.partition_group(4), vec![3, 4, 5]);
-    assert_eq!(t.intra_node_group(4), vec![4, 5]);
+fn partition_groups_never_straddle_nodes() {
+    // Every valid layout keeps each partition group inside one node or made
+    // of whole nodes: the ranks of a group on one node are either all of the
+    // group or all of that node.
+    for t in valid_topologies() {
+        let (n, k, p) = (t.world(), t.ranks_per_node(), t.partition_size());
+        for g in (0..n).step_by(p) {
+            let group = t.partition_group(g);
+            let nodes: std::collections::BTreeSet<usize> = group.iter().map(|r| r / k).collect();
+            for node in nodes {
+                let here = group.iter().filter(|&&r| r / k == node).count();
+                assert!(
+                    here == p || here == k,
+                    "{t}: group {g} has {here} ranks on node {node}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -113,6 +124,20 @@ fn invalid_combinations_name_the_rule() {
             },
         ),
         (
+            (6, 3, 2),
+            TopologyError::PartitionStraddlesNodes {
+                partition_size: 2,
+                ranks_per_node: 3,
+            },
+        ),
+        (
+            (12, 4, 3),
+            TopologyError::PartitionStraddlesNodes {
+                partition_size: 3,
+                ranks_per_node: 4,
+            },
+        ),
+        (
             (24, 4, 6),
             TopologyError::PartitionSpansPartialNodes {
                 partition_size: 6,
@@ -129,6 +154,8 @@ fn invalid_combinations_name_the_rule() {
         msg.contains("partition size (3) must divide the world size (8)"),
         "{msg}"
     );
+    let msg = Topology::new(6, 3, 2).unwrap_err().to_string();
+    assert!(msg.contains("p must divide k"), "{msg}");
     let msg = Topology::new(24, 4, 6).unwrap_err().to_string();
     assert!(msg.contains("multiple of ranks per node (4)"), "{msg}");
 }
