@@ -32,11 +32,12 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorMetadata};
 
 use crate::gather::{local, primitive_to_vec, release_gathered};
+use crate::reduce::GradKey;
 use crate::runtime::MicsRuntime;
 use crate::{Mics, MicsTensor};
 
 thread_local! {
-    static PARAMS: RefCell<HashMap<DistributedParamId, (ParamId, Weak<MicsRuntime>)>> =
+    static PARAMS: RefCell<HashMap<DistributedParamId, (GradKey, Weak<MicsRuntime>)>> =
         RefCell::new(HashMap::new());
 }
 
@@ -46,18 +47,18 @@ pub(crate) fn distributed_id(id: ParamId) -> DistributedParamId {
 }
 
 /// Route the gradient of parameter `id`, computed on this thread, to `runtime`.
-pub(crate) fn register(id: ParamId, runtime: &Arc<MicsRuntime>) {
+pub(crate) fn register(key: GradKey, runtime: &Arc<MicsRuntime>) {
     PARAMS.with(|params| {
         let mut params = params.borrow_mut();
         // Drop the entries of runtimes that are gone (earlier runs on this thread).
         if params.len() > 1024 && params.len().is_power_of_two() {
             params.retain(|_, (_, rt)| rt.strong_count() > 0);
         }
-        params.insert(distributed_id(id), (id, Arc::downgrade(runtime)));
+        params.insert(distributed_id(key.id), (key, Arc::downgrade(runtime)));
     });
 }
 
-fn lookup(id: DistributedParamId) -> Option<(ParamId, Arc<MicsRuntime>)> {
+fn lookup(id: DistributedParamId) -> Option<(GradKey, Arc<MicsRuntime>)> {
     PARAMS.with(|params| {
         let params = params.borrow();
         let (param, runtime) = params.get(&id)?;

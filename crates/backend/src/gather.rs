@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use mics_comm::{CommError, Sharding, Work};
+use mics_comm::{CommError, Fingerprint, Sharding, Work};
 
 use crate::prefetch::GatherSource;
 use crate::runtime::MicsRuntime;
@@ -63,7 +63,10 @@ fn gather<B: Backend>(tensor: ShardedTensor<B>) -> B::FloatTensorPrimitive {
     }
     let runtime = param.runtime.clone();
     let bytes = param.full_bytes();
-    let full = match runtime.prefetcher.take(param.id, &runtime.counters) {
+    let full = match runtime
+        .prefetcher
+        .take(param.id, param.uid, &runtime.counters)
+    {
         Some(gathered) => gathered,
         None => {
             runtime.counters.acquire_live(bytes);
@@ -72,8 +75,10 @@ fn gather<B: Backend>(tensor: ShardedTensor<B>) -> B::FloatTensorPrimitive {
     };
     let full = full.wait().unwrap_or_else(|err| {
         panic!(
-            "mics: all-gather of parameter {} (shape {:?}) in partition group {:?} (world ranks) failed: {err}",
+            "mics: all-gather of parameter {} (slot {}, version {}, shape {:?}) in partition group {:?} (world ranks) failed: {err}",
             param.id,
+            param.slot,
+            param.version,
             param.shape,
             runtime.groups().partition().world_ranks(),
         )
@@ -104,7 +109,9 @@ pub(crate) fn start_gather<B: Backend>(param: &ShardedParam<B>) -> Work<Vec<f32>
     let shard = primitive_to_vec::<B>(param.shard.clone());
     let numel = param.sharding.numel();
     let runtime = &param.runtime;
-    crate::precision::all_gather_partition(runtime.groups(), runtime.precision().gather, shard).map(
+    let tag = Fingerprint::of_pieces([param.fingerprint_words()]);
+    let dtype = runtime.precision().gather;
+    crate::precision::all_gather_partition(runtime.groups(), dtype, shard, tag).map(
         move |mut full| {
             full.truncate(numel);
             Ok::<_, CommError>(full)
@@ -131,6 +138,14 @@ impl<B: Backend> GatherSource for ShardedParam<B> {
 
     fn host_shard(&self) -> Vec<f32> {
         primitive_to_vec::<B>(self.shard.clone())
+    }
+
+    fn uid(&self) -> u64 {
+        self.uid
+    }
+
+    fn fingerprint_words(&self) -> [u64; 3] {
+        ShardedParam::fingerprint_words(self)
     }
 
     fn sharding(&self) -> Sharding {
@@ -230,7 +245,8 @@ pub(crate) fn start_together(sources: &[Arc<dyn GatherSource>]) -> Vec<Gathered>
         );
         buffer.extend(source.host_shard());
     }
-    let work = crate::precision::all_gather_partition(runtime.groups(), dtype, buffer);
+    let tag = Fingerprint::of_pieces(sources.iter().map(|s| s.fingerprint_words()));
+    let work = crate::precision::all_gather_partition(runtime.groups(), dtype, buffer, tag);
     let parts = sources.len();
     let shared = Arc::new(Mutex::new(Coalesced {
         work: Some(work),

@@ -7,24 +7,32 @@
 //! clipped by the global norm, and Burn's own per-tensor optimizer step
 //! (`SimpleOptimizer`: AdamW, SGD, ...) runs on the shard.
 //!
+//! A parameter without a gradient is not updated (the rule of Burn's
+//! optimizers and PyTorch's): a frozen parameter (`require_grad` off) or one
+//! the step did not use on any rank keeps its shard and its optimizer state
+//! bit for bit, and no collective moves its zeros. A parameter used on some
+//! ranks only (data-dependent use, across partition groups) is reduced with
+//! zeros from the others; the ranks agree on which parameters had a gradient
+//! through a bitmask carried by the step's replication all-reduce.
+//!
 //! Both hops move gradients in the runtime's [`Precision::reduce`](crate::Precision)
 //! element type and accumulate in `f32`. For fp16, a [`LossScale`] divides
 //! the gradients back before the step and, when dynamic, skips steps whose
 //! gradients overflowed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamW, AdamWConfig, LearningRate, Sgd, SgdConfig, SimpleOptimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use mics_comm::{Collectives, ReduceOp, Work};
+use mics_comm::{Collectives, Fingerprint, ReduceOp, Work};
 
 use crate::precision;
 
 use crate::gather::{local, primitive_to_vec, release_gathered};
-use crate::reduce::{DEFAULT_BUCKET_BYTES, done, ids_list};
+use crate::reduce::{DEFAULT_BUCKET_BYTES, GradKey};
 use crate::shard::{param_tensor, sharded_value};
 use crate::tensor::ShardedTensor;
 use crate::{Mics, MicsRuntime, MicsTensor};
@@ -38,6 +46,10 @@ pub struct ShardedOptimizer<B: Backend, O: SimpleOptimizer<B>> {
     bucket_bytes: usize,
     pub(crate) accum: HashMap<ParamId, Vec<f32>>,
     pub(crate) states: HashMap<ParamId, O::State<1>>,
+    /// Slots of the parameters that had a gradient somewhere in the last
+    /// step: the replication all-reduce of the next step speculates on them
+    /// (see [`ShardedOptimizer::step`]).
+    synced: HashSet<u64>,
     pub(crate) micro_steps: usize,
     track_grad_norm: bool,
     last_grad_norm: Option<f32>,
@@ -124,6 +136,7 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             accum: HashMap::new(),
             states: HashMap::new(),
+            synced: HashSet::new(),
             micro_steps: 0,
             track_grad_norm: false,
             last_grad_norm: None,
@@ -229,6 +242,11 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
     /// only when backward has finished, so the rank holds one full copy of
     /// the model's gradients at that point; they go through the same buckets
     /// from here. What stays between micro-steps is the accumulated shard, 1/p.
+    ///
+    /// Frozen parameters (`require_grad` off) and parameters without a
+    /// gradient in this backward pass are skipped: no zeros are packed. The
+    /// ranks of a partition group run the same program, so they pack the
+    /// same parameters; each reduce-scatter's fingerprint checks it.
     pub fn accumulate<AB, M>(&mut self, module: &M, mut grads: AB::Gradients)
     where
         AB: AutodiffBackend<InnerBackend = Mics<B>>,
@@ -246,10 +264,10 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
         // Every gradient left here is complete and held at once.
         let held: usize = full.iter().map(|(_, g)| g.len() * 4).sum();
         self.runtime.counters.acquire_grad(held as u64);
-        for (id, grad) in full {
+        for (key, grad) in full {
             self.runtime
                 .grads
-                .push(&self.runtime, id, grad, true, false);
+                .push(&self.runtime, key, grad, true, false);
         }
         // The next micro-step reuses these parameter tensors: mark them again
         // so that Burn calls the early hook in its backward pass too.
@@ -267,8 +285,17 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
     }
 
     /// The accumulation boundary: all-reduce the accumulated shards across
-    /// the replication group (once per parameter), average over the global
-    /// batch, clip, and step every shard. Returns the updated module.
+    /// the replication group, average over the global batch, clip, and step
+    /// every shard that had a gradient. Returns the updated module.
+    ///
+    /// Which parameters had a gradient is agreed across replicas (partition
+    /// groups) without an extra collective in the steady state: the
+    /// all-reduce carries the gradients of the parameters that had one in
+    /// the previous step (zeros from replicas without one) plus one flag per
+    /// parameter, summed. A parameter whose flags sum to zero is
+    /// not stepped; one that had no gradient last step but has one now on
+    /// some replica is all-reduced in a second, rare all-reduce. The first
+    /// step has nothing to speculate on: its flags travel alone first.
     pub fn step<AB, M>(&mut self, lr: LearningRate, module: M) -> M
     where
         AB: AutodiffBackend<InnerBackend = Mics<B>>,
@@ -280,55 +307,25 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
         );
         let mut params = ParamCollector::<B>(Vec::new());
         module.visit(&mut params);
-        let replication = self.runtime.groups().replication();
-        let accumulated: Vec<Vec<f32>> = params
-            .0
-            .iter()
-            .map(|(id, _)| {
-                self.accum
-                    .remove(id)
-                    .unwrap_or_else(|| panic!("mics: parameter {id} has no accumulated gradient"))
-            })
-            .collect();
-        let p = self.runtime.partition_size();
-        let dtype = self.runtime.precision().reduce;
-        let groups = buckets(&accumulated, self.bucket_bytes / p.max(1), Vec::len);
-        let pending: Vec<PendingBucket> = groups
-            .into_iter()
-            .map(|bucket| {
-                let ids = bucket.iter().map(|&i| params.0[i].0).collect();
-                let buffer: Vec<f32> = bucket
-                    .iter()
-                    .flat_map(|&i| accumulated[i].iter().copied())
-                    .collect();
-                let lens = bucket.iter().map(|&i| accumulated[i].len()).collect();
-                let work = if replication.size() == 1 {
-                    done(precision::rounded(dtype, buffer))
-                } else {
-                    precision::all_reduce(replication, dtype, buffer)
-                };
-                (ids, lens, work)
-            })
-            .collect();
+        // Frozen parameters take part as parameters that never have a
+        // gradient: the flags do not depend on which are frozen.
+        let params = params.0;
+        let local: Vec<Option<Vec<f32>>> =
+            params.iter().map(|(id, _)| self.accum.remove(id)).collect();
+        self.accum.clear();
+        let (used, summed) = self.sync_replicas(&params, local);
         let world = self.runtime.groups().world().size();
         // The mean over the global batch, and the loss scale undone.
         let scale = 1.0 / ((world * self.micro_steps) as f32 * self.scale);
-        let mut grads: Vec<Vec<f32>> = Vec::with_capacity(accumulated.len());
-        for (ids, lens, work) in pending {
-            let summed = work.wait().unwrap_or_else(|err| {
-                panic!(
-                    "mics: gradient all-reduce of parameters {} in replication group {:?} (world ranks) failed: {err}",
-                    ids_list(&ids),
-                    replication.world_ranks(),
-                )
-            });
-            grads.extend(
-                split(&summed, &lens)
-                    .into_iter()
-                    .map(|g| g.iter().map(|x| x * scale).collect::<Vec<f32>>()),
-            );
+        self.micro_steps = 0;
+        let mut stepped: Vec<(ParamId, ShardedTensor<B>)> = Vec::new();
+        let mut grads: Vec<Vec<f32>> = Vec::new();
+        for ((param, is_used), grad) in params.into_iter().zip(used).zip(summed) {
+            if let (true, Some(grad)) = (is_used, grad) {
+                stepped.push(param);
+                grads.push(grad.into_iter().map(|x| x * scale).collect());
+            }
         }
-        drop(accumulated);
         let dynamic = matches!(self.loss_scaling, LossScale::Dynamic { .. });
         self.last_step_skipped = false;
         if self.clip_norm.is_some() || self.track_grad_norm || dynamic {
@@ -346,7 +343,6 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
                     self.good_steps = 0;
                     self.skipped_steps += 1;
                     self.last_step_skipped = true;
-                    self.micro_steps = 0;
                     return module;
                 }
                 self.good_steps += 1;
@@ -366,7 +362,7 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             }
         }
         let mut updated = HashMap::new();
-        for ((id, sharded), grad) in params.0.into_iter().zip(grads) {
+        for ((id, sharded), grad) in stepped.into_iter().zip(grads) {
             let shard = sharded.param.shard.clone();
             let device = B::float_device(&shard);
             let len = grad.len();
@@ -383,8 +379,134 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             let shard = tensor.into_primitive().tensor();
             updated.insert(id, sharded_value(id, shard, &sharded));
         }
-        self.micro_steps = 0;
         module.map(&mut Replacer { updated })
+    }
+
+    /// The second hop: every parameter's accumulated shard summed
+    /// over the replication group, and whether any replica had a gradient
+    /// for it (see [`step`](Self::step)). `None` for parameters no replica
+    /// had a gradient for.
+    fn sync_replicas(
+        &mut self,
+        params: &[(ParamId, ShardedTensor<B>)],
+        mut local: Vec<Option<Vec<f32>>>,
+    ) -> (Vec<bool>, Vec<Option<Vec<f32>>>) {
+        let replication = self.runtime.groups().replication().clone();
+        let dtype = self.runtime.precision().reduce;
+        if replication.size() == 1 {
+            // The partition group agrees already: its reduce-scatters'
+            // fingerprints checked that its ranks packed the same parameters.
+            let used = local.iter().map(Option::is_some).collect();
+            let summed = local
+                .into_iter()
+                .map(|g| g.map(|g| precision::rounded(dtype, g)))
+                .collect();
+            return (used, summed);
+        }
+        let slots: Vec<u64> = params.iter().map(|(_, s)| s.param.slot).collect();
+        let lens: Vec<usize> = params
+            .iter()
+            .map(|(_, s)| s.param.sharding.shard_len())
+            .collect();
+        let flags: Vec<f32> = local
+            .iter()
+            .map(|g| f32::from(u8::from(g.is_some())))
+            .collect();
+        let mut summed: Vec<Option<Vec<f32>>> = vec![None; params.len()];
+        // Phase 1: last step's parameters, with the flags in the last bucket.
+        let speculated: Vec<usize> = (0..params.len())
+            .filter(|&i| self.synced.contains(&slots[i]))
+            .collect();
+        let mut flags_back = None;
+        let pending = self.start_buckets(&speculated, &mut local, &slots, &lens, Some(flags));
+        for (bucket, work, with_flags) in pending {
+            let values = self.wait_bucket(&bucket, &slots, work);
+            let tail = split_into(&bucket, values, &lens, &mut summed);
+            if with_flags {
+                flags_back = Some(tail);
+            }
+        }
+        let flags_back = flags_back.expect("the flags travel in the last bucket");
+        let used: Vec<bool> = flags_back.iter().map(|&f| f > 0.0).collect();
+        // Phase 2 (rare): parameters with a gradient now but not last step.
+        let late: Vec<usize> = (0..params.len())
+            .filter(|&i| used[i] && !self.synced.contains(&slots[i]))
+            .collect();
+        if !late.is_empty() {
+            let pending = self.start_buckets(&late, &mut local, &slots, &lens, None);
+            for (bucket, work, _) in pending {
+                let values = self.wait_bucket(&bucket, &slots, work);
+                split_into(&bucket, values, &lens, &mut summed);
+            }
+        }
+        self.synced = (0..params.len())
+            .filter(|&i| used[i])
+            .map(|i| slots[i])
+            .collect();
+        (used, summed)
+    }
+
+    /// Starts the replication all-reduces of the parameters `which` (indices
+    /// into `local`), packed into buckets; zeros for a parameter this replica
+    /// has no gradient for. `flags`, when given, ride at the end of the last
+    /// bucket (a bucket of their own if `which` is empty).
+    fn start_buckets(
+        &self,
+        which: &[usize],
+        local: &mut [Option<Vec<f32>>],
+        slots: &[u64],
+        lens: &[usize],
+        flags: Option<Vec<f32>>,
+    ) -> Vec<(Vec<usize>, Work<Vec<f32>>, bool)> {
+        let replication = self.runtime.groups().replication();
+        let dtype = self.runtime.precision().reduce;
+        let p = self.runtime.partition_size().max(1);
+        let which_lens: Vec<usize> = which.iter().map(|&i| lens[i]).collect();
+        let mut groups: Vec<Vec<usize>> = buckets(&which_lens, self.bucket_bytes / p, |&l| l)
+            .into_iter()
+            .map(|b| b.into_iter().map(|j| which[j]).collect())
+            .collect();
+        if groups.is_empty() && flags.is_some() {
+            groups.push(Vec::new());
+        }
+        let last = groups.len().saturating_sub(1);
+        let mut flags = flags;
+        groups
+            .into_iter()
+            .enumerate()
+            .map(|(b, bucket)| {
+                let mut buffer = Vec::new();
+                let mut pieces: Vec<[u64; 2]> = Vec::with_capacity(bucket.len() + 1);
+                for &i in &bucket {
+                    let len = lens[i];
+                    match local[i].take() {
+                        Some(g) => buffer.extend(g),
+                        None => buffer.resize(buffer.len() + len, 0.0),
+                    }
+                    pieces.push([slots[i], len as u64]);
+                }
+                let with_flags = b == last && flags.is_some();
+                if with_flags {
+                    let f = flags.take().expect("checked");
+                    pieces.push([u64::MAX, f.len() as u64]);
+                    buffer.extend(f);
+                }
+                let tag = Fingerprint::of_pieces(&pieces);
+                let work = precision::all_reduce(replication, dtype, buffer, tag);
+                (bucket, work, with_flags)
+            })
+            .collect()
+    }
+
+    fn wait_bucket(&self, bucket: &[usize], slots: &[u64], work: Work<Vec<f32>>) -> Vec<f32> {
+        work.wait().unwrap_or_else(|err| {
+            let slots: Vec<String> = bucket.iter().map(|&i| slots[i].to_string()).collect();
+            panic!(
+                "mics: gradient all-reduce of parameter slots [{}] in replication group {:?} (world ranks) failed: {err}",
+                slots.join(", "),
+                self.runtime.groups().replication().world_ranks(),
+            )
+        })
     }
 
     /// The L2 norm over all shards of all parameters (replicas hold the same
@@ -423,12 +545,12 @@ fn sharded_of<B: Backend, AB: AutodiffBackend<InnerBackend = Mics<B>>, const D: 
     }
 }
 
-/// Full gradients on the host, in module order (missing ones are zeros),
-/// except those the backward hook already took.
+/// Full gradients on the host, in module order, of the trainable parameters
+/// that have one, except those the backward hook already took.
 struct GradCollector<'a, AB: AutodiffBackend> {
     grads: &'a mut AB::Gradients,
     runtime: &'a MicsRuntime,
-    full: Vec<(ParamId, Vec<f32>)>,
+    full: Vec<(GradKey, Vec<f32>)>,
 }
 
 impl<B, AB> ModuleVisitor<AB> for GradCollector<'_, AB>
@@ -438,21 +560,22 @@ where
 {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
         let tensor = param.val();
-        let numel = tensor.shape().num_elements();
+        if !tensor.is_require_grad() {
+            return; // Frozen: never reduced, never stepped.
+        }
         let grad = tensor.grad_remove(self.grads);
         if self.runtime.grads.was_submitted(param.id) {
             // Reduce-scattered during backward; what is left is a placeholder.
             return;
         }
-        let full = match grad {
-            Some(grad) => {
-                let full = primitive_to_vec::<B>(local(grad.into_primitive().tensor()));
-                release_gathered();
-                full
-            }
-            None => vec![0.0; numel],
+        let Some(grad) = grad else {
+            return; // Not used in this backward pass: no zeros are packed.
         };
-        self.full.push((param.id, full));
+        let slot = sharded_of::<B, AB, D>(tensor).param.slot;
+        let full = primitive_to_vec::<B>(local(grad.into_primitive().tensor()));
+        release_gathered();
+        let key = GradKey { id: param.id, slot };
+        self.full.push((key, full));
     }
 }
 
@@ -477,20 +600,25 @@ fn buckets<T>(items: &[T], max_bytes: usize, len: impl Fn(&T) -> usize) -> Vec<V
     out
 }
 
-/// A bucket's replication all-reduce in flight: its parameters, their shard
-/// lengths and the work.
-type PendingBucket = (Vec<ParamId>, Vec<usize>, Work<Vec<f32>>);
-
-fn split<'a>(buffer: &'a [f32], lens: &[usize]) -> Vec<&'a [f32]> {
+/// Cuts an all-reduced bucket into its parameters' shards (`lens[i]`
+/// elements for parameter `i`), stored in `summed`; returns what follows them
+/// (the flags, when the bucket carried them).
+fn split_into(
+    bucket: &[usize],
+    mut values: Vec<f32>,
+    lens: &[usize],
+    summed: &mut [Option<Vec<f32>>],
+) -> Vec<f32> {
     let mut at = 0;
-    lens.iter()
-        .map(|&len| {
-            at += len;
-            &buffer[at - len..at]
-        })
-        .collect()
+    for &i in bucket {
+        summed[i] = Some(values[at..at + lens[i]].to_vec());
+        at += lens[i];
+    }
+    values.drain(..at);
+    values
 }
 
+/// Every sharded parameter, in module order.
 struct ParamCollector<B: Backend>(Vec<(ParamId, ShardedTensor<B>)>);
 
 impl<B, AB> ModuleVisitor<AB> for ParamCollector<B>

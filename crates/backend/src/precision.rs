@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use burn::tensor::{bf16, f16};
-use mics_comm::{Collectives, Communicator, DType, Element, MicsGroups, ReduceOp, Work};
+use mics_comm::{
+    Collectives, Communicator, DType, Element, Fingerprint, MicsGroups, ReduceOp, Work,
+};
 
 /// The element types of the collectives of training (mixed precision).
 ///
@@ -96,14 +98,15 @@ pub(crate) fn all_gather_partition(
     groups: &MicsGroups,
     dtype: DType,
     shard: Vec<f32>,
+    tag: Fingerprint,
 ) -> Work<Vec<f32>> {
     match dtype {
-        DType::F32 => groups.all_gather_partition(shard),
+        DType::F32 => groups.all_gather_partition_with(shard, tag),
         DType::Bf16 => groups
-            .all_gather_partition(narrow::<bf16>(&shard))
+            .all_gather_partition_with(narrow::<bf16>(&shard), tag)
             .map(|v| Ok(widen(v))),
         DType::F16 => groups
-            .all_gather_partition(narrow::<f16>(&shard))
+            .all_gather_partition_with(narrow::<f16>(&shard), tag)
             .map(|v| Ok(widen(v))),
     }
 }
@@ -113,14 +116,16 @@ pub(crate) fn reduce_scatter(
     comm: &Arc<dyn Communicator>,
     dtype: DType,
     values: Vec<f32>,
+    tag: Fingerprint,
 ) -> Work<Vec<f32>> {
+    let op = ReduceOp::Sum;
     match dtype {
-        DType::F32 => comm.reduce_scatter(values, ReduceOp::Sum),
+        DType::F32 => comm.reduce_scatter_with(values, op, tag),
         DType::Bf16 => comm
-            .reduce_scatter(narrow::<bf16>(&values), ReduceOp::Sum)
+            .reduce_scatter_with(narrow::<bf16>(&values), op, tag)
             .map(|v| Ok(widen(v))),
         DType::F16 => comm
-            .reduce_scatter(narrow::<f16>(&values), ReduceOp::Sum)
+            .reduce_scatter_with(narrow::<f16>(&values), op, tag)
             .map(|v| Ok(widen(v))),
     }
 }
@@ -130,14 +135,16 @@ pub(crate) fn all_reduce(
     comm: &Arc<dyn Communicator>,
     dtype: DType,
     values: Vec<f32>,
+    tag: Fingerprint,
 ) -> Work<Vec<f32>> {
+    let op = ReduceOp::Sum;
     match dtype {
-        DType::F32 => comm.all_reduce(values, ReduceOp::Sum),
+        DType::F32 => comm.all_reduce_with(values, op, tag),
         DType::Bf16 => comm
-            .all_reduce(narrow::<bf16>(&values), ReduceOp::Sum)
+            .all_reduce_with(narrow::<bf16>(&values), op, tag)
             .map(|v| Ok(widen(v))),
         DType::F16 => comm
-            .all_reduce(narrow::<f16>(&values), ReduceOp::Sum)
+            .all_reduce_with(narrow::<f16>(&values), op, tag)
             .map(|v| Ok(widen(v))),
     }
 }

@@ -5,6 +5,13 @@
 //! same order and issue the same collectives in the same sequence. When a
 //! step uses parameters in another order, the prefetched buffers are dropped,
 //! the step continues with on-demand gathers and the new order is recorded.
+//!
+//! A prefetched buffer is used only if it was gathered from the very shard
+//! value the op uses (its `uid`: same parameter, same version, same copy of
+//! the module). A forward after `step()` without `begin_step()`, or a second
+//! copy of a module whose parameters share the ids, would otherwise be
+//! served a buffer gathered from another value; such a buffer is dropped, the
+//! op gathers on demand, and the miss is counted as stale.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -51,8 +58,22 @@ pub(crate) trait GatherSource: Send + Sync {
     fn bytes(&self) -> u64;
     /// This rank's padded shard on the host, for a coalesced gather.
     fn host_shard(&self) -> Vec<f32>;
+    /// The shard value's unique identity (see `ShardedParam`).
+    fn uid(&self) -> u64;
+    /// Slot, version and length, for the collective's fingerprint.
+    fn fingerprint_words(&self) -> [u64; 3];
     fn sharding(&self) -> Sharding;
     fn runtime(&self) -> &Arc<MicsRuntime>;
+}
+
+/// A gather started ahead of its use.
+struct Ahead {
+    /// Position in the recorded order.
+    pos: usize,
+    work: Gathered,
+    bytes: u64,
+    /// The shard value it was gathered from.
+    uid: u64,
 }
 
 #[derive(Default)]
@@ -64,7 +85,7 @@ struct State {
     /// Replaying `order` in this step (no divergence seen yet).
     replaying: bool,
     /// Prefetched gathers by position in `order`.
-    ahead: VecDeque<(usize, Gathered, u64)>,
+    ahead: VecDeque<Ahead>,
     ahead_bytes: u64,
     /// Next position of `order` to prefetch.
     next_issue: usize,
@@ -117,9 +138,10 @@ impl Prefetcher {
         st.next_issue = 0;
     }
 
-    /// Called on each use of parameter `id`: the prefetched gather for this
-    /// position when there is one (its bytes are already counted live).
-    pub fn take(&self, id: ParamId, counters: &AtomicCounters) -> Option<Gathered> {
+    /// Called on each use of parameter `id` with shard value `uid`: the
+    /// prefetched gather for this position when there is one and it was
+    /// gathered from that value (its bytes are already counted live).
+    pub fn take(&self, id: ParamId, uid: u64, counters: &AtomicCounters) -> Option<Gathered> {
         if !self.enabled() {
             return None;
         }
@@ -140,11 +162,20 @@ impl Prefetcher {
             st.next_issue = pos + 1;
         }
         match st.ahead.front() {
-            Some((at, _, _)) if *at == pos => {
-                let (_, work, bytes) = st.ahead.pop_front().expect("front exists");
-                st.ahead_bytes -= bytes;
+            Some(ahead) if ahead.pos == pos => {
+                let ahead = st.ahead.pop_front().expect("front exists");
+                st.ahead_bytes -= ahead.bytes;
+                if ahead.uid != uid {
+                    // Gathered from another value of this parameter: every
+                    // rank of the group issued it, so it completes; drop it.
+                    let _ = ahead.work.wait();
+                    counters.release_live(ahead.bytes);
+                    counters.prefetch_stale.fetch_add(1, Ordering::Relaxed);
+                    counters.prefetch_misses.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
                 counters.prefetch_hits.fetch_add(1, Ordering::Relaxed);
-                Some(work)
+                Some(ahead.work)
             }
             _ => {
                 counters.prefetch_misses.fetch_add(1, Ordering::Relaxed);
@@ -168,6 +199,8 @@ impl Prefetcher {
             return;
         }
         let mut batch: Vec<(usize, Arc<dyn GatherSource>, u64)> = Vec::new();
+        // Sources are looked up now, not when the order was recorded: the
+        // current value of each parameter (the optimizer's latest).
         while st.ahead.len() + batch.len() < self.config.depth && st.next_issue < st.order.len() {
             let pos = st.next_issue;
             let Some(source) = st.sources.get(&st.order[pos]).and_then(Weak::upgrade) else {
@@ -186,8 +219,14 @@ impl Prefetcher {
             return;
         }
         let sources: Vec<Arc<dyn GatherSource>> = batch.iter().map(|b| b.1.clone()).collect();
-        for ((pos, _, bytes), gathered) in batch.into_iter().zip(start_together(&sources)) {
-            st.ahead.push_back((pos, gathered, bytes));
+        for ((pos, source, bytes), work) in batch.into_iter().zip(start_together(&sources)) {
+            let uid = source.uid();
+            st.ahead.push_back(Ahead {
+                pos,
+                work,
+                bytes,
+                uid,
+            });
         }
     }
 }
@@ -195,9 +234,9 @@ impl Prefetcher {
 /// Wait for and drop the gathers issued ahead (every rank issued them, so
 /// they complete).
 fn drop_ahead(st: &mut State, counters: &AtomicCounters) {
-    for (_, work, bytes) in st.ahead.drain(..) {
-        let _ = work.wait();
-        counters.release_live(bytes);
+    for ahead in st.ahead.drain(..) {
+        let _ = ahead.work.wait();
+        counters.release_live(ahead.bytes);
     }
     st.ahead_bytes = 0;
 }

@@ -15,6 +15,10 @@
 //!
 //! Every rank of a partition group runs the same program, so gradients arrive
 //! in the same order on every rank and the buckets and collectives match.
+//! Each reduce-scatter carries the fingerprint of its bucket (every
+//! parameter's slot and length, in order): ranks that packed different
+//! parameters fail with a mismatch on every rank instead of summing unrelated
+//! gradients. A parameter without a gradient is in no bucket: no zeros move.
 //!
 //! A bucket travels in the runtime's [`Precision::reduce`](crate::Precision)
 //! element type (rounded from `f32` just before its reduce-scatter) and its
@@ -24,7 +28,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
 use burn::module::ParamId;
-use mics_comm::{Buffer, Sharding, Work};
+use mics_comm::{Buffer, Fingerprint, Sharding, Work};
 
 use crate::precision;
 use crate::runtime::MicsRuntime;
@@ -35,6 +39,14 @@ pub(crate) const MAX_BUCKETS_IN_FLIGHT: usize = 2;
 
 /// Default gradient bucket: 32 MiB of full `f32` gradients.
 pub const DEFAULT_BUCKET_BYTES: usize = 32 << 20;
+
+/// Which parameter a gradient belongs to: Burn's id (for this rank's
+/// bookkeeping) and its slot (the same on every rank, for fingerprints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct GradKey {
+    pub id: ParamId,
+    pub slot: u64,
+}
 
 struct InFlight {
     ids: Vec<ParamId>,
@@ -47,7 +59,7 @@ struct InFlight {
 struct State {
     bucket_bytes: usize,
     /// The bucket being filled: full gradients, in arrival order.
-    open: Vec<(ParamId, Vec<f32>)>,
+    open: Vec<(GradKey, Vec<f32>)>,
     open_bytes: usize,
     in_flight: VecDeque<InFlight>,
     /// This rank's reduced shard of each parameter whose reduce-scatter completed.
@@ -98,7 +110,7 @@ impl GradReducer {
     pub fn push(
         &self,
         runtime: &MicsRuntime,
-        id: ParamId,
+        key: GradKey,
         full: Vec<f32>,
         counted: bool,
         from_hook: bool,
@@ -109,14 +121,14 @@ impl GradReducer {
         }
         let mut st = self.state.lock().unwrap();
         if from_hook {
-            st.submitted.insert(id);
+            st.submitted.insert(key.id);
         }
         poll(&mut st, runtime);
         let max = st.bucket_bytes;
         if !st.open.is_empty() && (max == 0 || st.open_bytes + bytes > max) {
             flush(&mut st, runtime);
         }
-        st.open.push((id, full));
+        st.open.push((key, full));
         st.open_bytes += bytes;
         if max == 0 || st.open_bytes >= max {
             flush(&mut st, runtime);
@@ -159,13 +171,14 @@ fn flush(st: &mut State, runtime: &MicsRuntime) {
             buffer.resize(buffer.len() + sharding.shard_len() - len, 0.0);
         }
     }
-    let ids = open.into_iter().map(|(id, _)| id).collect();
+    let tag = Fingerprint::of_pieces(open.iter().map(|(key, full)| [key.slot, full.len() as u64]));
+    let ids = open.into_iter().map(|(key, _)| key.id).collect();
     let lens = shardings.iter().map(Sharding::shard_len).collect();
     let dtype = runtime.precision().reduce;
     let work = if p == 1 {
         done(precision::rounded(dtype, buffer))
     } else {
-        precision::reduce_scatter(partition, dtype, buffer)
+        precision::reduce_scatter(partition, dtype, buffer, tag)
     };
     st.in_flight.push_back(InFlight {
         ids,

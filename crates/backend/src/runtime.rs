@@ -22,8 +22,13 @@ pub struct Counters {
     /// Gathers served from the prefetch cache.
     pub prefetch_hits: u64,
     /// Gathers issued on demand once an order had been recorded (prefetch
-    /// fell behind, or the order changed).
+    /// fell behind, the order changed, or the prefetched value was stale).
     pub prefetch_misses: u64,
+    /// Prefetched gathers thrown away because they were gathered from
+    /// another value than the one the op uses: the parameter was stepped
+    /// since (a forward after `step()` without `begin_step()`), or the op
+    /// uses another copy of the module. Each is also a miss.
+    pub prefetch_stale: u64,
     /// Bytes of gathered (full, unpadded) parameters produced, in the
     /// parameters' dtype (what compute sees).
     pub bytes_gathered: u64,
@@ -57,6 +62,7 @@ pub(crate) struct AtomicCounters {
     pub gather_collectives: AtomicU64,
     pub prefetch_hits: AtomicU64,
     pub prefetch_misses: AtomicU64,
+    pub prefetch_stale: AtomicU64,
     pub bytes_gathered: AtomicU64,
     pub bytes_gathered_wire: AtomicU64,
     pub live: AtomicU64,
@@ -93,6 +99,8 @@ impl AtomicCounters {
 #[derive(Debug)]
 pub struct MicsRuntime {
     groups: MicsGroups,
+    /// The next parameter slot `shard_module` hands out.
+    next_slot: AtomicU64,
     pub(crate) counters: AtomicCounters,
     pub(crate) prefetcher: Prefetcher,
     pub(crate) grads: GradReducer,
@@ -122,11 +130,19 @@ impl MicsRuntime {
     ) -> Arc<MicsRuntime> {
         Arc::new(MicsRuntime {
             groups,
+            next_slot: AtomicU64::new(0),
             counters: AtomicCounters::default(),
             prefetcher: Prefetcher::new(prefetch),
             grads: GradReducer::default(),
             precision,
         })
+    }
+
+    /// The slot of the next parameter sharded on this runtime: every rank
+    /// shards the same modules in the same order, so slots agree across
+    /// ranks (see `ShardedParam`).
+    pub(crate) fn claim_slot(&self) -> u64 {
+        self.next_slot.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The element types of this runtime's collectives.
@@ -157,6 +173,7 @@ impl MicsRuntime {
             gather_collectives: c.gather_collectives.load(Ordering::Relaxed),
             prefetch_hits: c.prefetch_hits.load(Ordering::Relaxed),
             prefetch_misses: c.prefetch_misses.load(Ordering::Relaxed),
+            prefetch_stale: c.prefetch_stale.load(Ordering::Relaxed),
             bytes_gathered: c.bytes_gathered.load(Ordering::Relaxed),
             bytes_gathered_wire: c.bytes_gathered_wire.load(Ordering::Relaxed),
             live_gathered_bytes: c.live.load(Ordering::Relaxed),

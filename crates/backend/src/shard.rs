@@ -51,14 +51,22 @@ where
     module.map(&mut Gatherer)
 }
 
-/// Put a new shard value in place of parameter `id` (used by the optimizer).
+/// Put a new shard value in place of parameter `id` (used by the optimizer
+/// and by imports): the next version of `like`'s parameter, in its slot.
 pub(crate) fn sharded_value<B: Backend>(
     id: burn::module::ParamId,
     shard: B::FloatTensorPrimitive,
     like: &ShardedTensor<B>,
 ) -> MicsTensor<B> {
     let p = &like.param;
-    let param = ShardedParam::new(id, shard, p.shape.clone(), p.dtype, p.runtime.clone());
+    let param = ShardedParam::new(
+        id,
+        (p.slot, p.version + 1),
+        shard,
+        p.shape.clone(),
+        p.dtype,
+        p.runtime.clone(),
+    );
     MicsTensor::Sharded(ShardedTensor::new(register(param)))
 }
 
@@ -68,7 +76,13 @@ fn register<B: Backend>(param: ShardedParam<B>) -> Arc<ShardedParam<B>> {
         Arc::downgrade(&(param.clone() as Arc<dyn GatherSource>));
     param.runtime.prefetcher.register(param.id, weak);
     #[cfg(feature = "early-reduce")]
-    crate::early::register(param.id, &param.runtime);
+    crate::early::register(
+        crate::reduce::GradKey {
+            id: param.id,
+            slot: param.slot,
+        },
+        &param.runtime,
+    );
     param
 }
 
@@ -148,7 +162,8 @@ where
             let len = shard.len();
             let shard =
                 B::float_from_data(TensorData::new(shard, [len]).convert_dtype(dtype), &device);
-            let param = ShardedParam::new(id, shard, shape, dtype, self.runtime.clone());
+            let slot = (self.runtime.claim_slot(), 0);
+            let param = ShardedParam::new(id, slot, shard, shape, dtype, self.runtime.clone());
             MicsTensor::Sharded(ShardedTensor::new(register(param)))
         })
     }

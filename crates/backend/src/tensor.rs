@@ -2,7 +2,7 @@
 //! seen through a chain of lazy views.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::module::ParamId;
 use burn::tensor::backend::Backend;
@@ -30,10 +30,27 @@ pub(crate) enum View {
     Slice(Vec<Slice>),
 }
 
+/// Unique identities of shard values in this process (see [`ShardedParam::uid`]).
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
+
 /// This rank's shard of one parameter: what the rank keeps between uses.
+///
+/// A shard value never changes: the optimizer makes a new one. Three numbers
+/// say which value this is:
+/// - `slot`: the parameter's place in the order `shard_module` met it on this
+///   runtime, the same on every rank (unlike Burn's `ParamId`, which ranks
+///   draw independently); kept by every later version of the parameter;
+/// - `version`: 0 when sharded, +1 at every optimizer step or import, the
+///   same on every rank that runs the same program;
+/// - `uid`: unique to this value in this process, so that two copies of a
+///   module (an EMA, a best-so-far snapshot) or two versions of one
+///   parameter are never mistaken for each other.
 #[derive(Debug)]
 pub struct ShardedParam<B: Backend> {
     pub(crate) id: ParamId,
+    pub(crate) slot: u64,
+    pub(crate) version: u64,
+    pub(crate) uid: u64,
     /// The padded shard, 1-D, `sharding.shard_len()` elements.
     pub(crate) shard: B::FloatTensorPrimitive,
     /// The parameter's full shape.
@@ -46,6 +63,7 @@ pub struct ShardedParam<B: Backend> {
 impl<B: Backend> ShardedParam<B> {
     pub(crate) fn new(
         id: ParamId,
+        (slot, version): (u64, u64),
         shard: B::FloatTensorPrimitive,
         shape: Shape,
         dtype: DType,
@@ -60,12 +78,21 @@ impl<B: Backend> ShardedParam<B> {
             .fetch_add(bytes, Ordering::Relaxed);
         ShardedParam {
             id,
+            slot,
+            version,
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             shard,
             shape,
             dtype,
             sharding,
             runtime,
         }
+    }
+
+    /// What a collective carrying this shard value is fingerprinted with:
+    /// slot, version and length (see [`mics_comm::Fingerprint`]).
+    pub(crate) fn fingerprint_words(&self) -> [u64; 3] {
+        [self.slot, self.version, self.sharding.numel() as u64]
     }
 
     /// Bytes of the full (gathered, unpadded) parameter.
@@ -111,6 +138,12 @@ impl<B: Backend> ShardedTensor<B> {
     /// The parameter this tensor views.
     pub fn param_id(&self) -> ParamId {
         self.param.id
+    }
+
+    /// The version of the shard value: 0 when sharded, one more after every
+    /// optimizer step (or import) that changed it.
+    pub fn version(&self) -> u64 {
+        self.param.version
     }
 
     pub(crate) fn with_view(mut self, view: View) -> Self {
