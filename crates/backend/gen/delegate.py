@@ -1,48 +1,88 @@
 #!/usr/bin/env python3
-"""Generate src/ops/delegate.rs: the mechanical delegation of Burn's ops traits.
+"""Generate the mechanical delegation of Burn 0.21's ops traits, one file per
+trait (as burn-autodiff splits its ops), for two backends:
 
-Every method of Burn 0.21's ops traits whose arguments and result are made of
-float, int, bool and quantized primitives, devices and plain values is
-forwarded to the inner backend: float arguments are made local first
-(`local`, which gathers a sharded parameter), float results are wrapped as
-local tensors. Methods listed in MANUAL are written by hand in the other
-modules of `ops` (views and the few ops with structured results); methods
-that cannot be forwarded mechanically keep Burn's default body.
+- `Mics<I>` (crates/backend/src/ops/{float,int,bool,activation,qtensor,module}.rs):
+  every method whose arguments and result are made of float, int, bool and
+  quantized primitives, devices and plain values is forwarded to the inner
+  backend: float arguments are made local first (`local`, which gathers a
+  sharded parameter), float results are wrapped as local tensors. Methods in
+  MANUAL are written by hand in `ops/manual.rs` (views and the few ops with
+  structured results); METADATA_ONLY arguments are used by the inner op for
+  their shape, dtype and device only, so a sharded parameter is replaced by
+  a stand-in of its logical shape instead of being gathered; methods that
+  cannot be forwarded mechanically keep Burn's default body.
+- `Plain<B>` (crates/plain/src/ops/*.rs): every method forwarded unchanged
+  to `B`, a pass-through with no logic of its own.
 
-Run from the crate root:
-    python3 gen/delegate.py > src/ops/delegate.rs && cargo fmt -p mics-backend
+Burn's sources are found through `cargo metadata` (the burn-backend package
+the workspace resolves), never a path glob.
+
+Run from anywhere in the workspace:
+    python3 crates/backend/gen/delegate.py            # write the files
+    python3 crates/backend/gen/delegate.py --check    # fail if they are stale (CI)
 """
-import glob
+import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
-ROOT = glob.glob(os.path.expanduser("~/.cargo/registry/src/*/burn-backend-0.21.0/src/backend/ops"))[0]
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
+GENERATOR = "crates/backend/gen/delegate.py"
 
+# (source file under burn-backend's src/backend/ops, trait, output file stem)
 TRAITS = [
-    ("tensor.rs", "FloatTensorOps"),
-    ("int_tensor.rs", "IntTensorOps"),
-    ("bool_tensor.rs", "BoolTensorOps"),
-    ("activation.rs", "ActivationOps"),
-    ("qtensor.rs", "QTensorOps"),
-    ("modules/base.rs", "ModuleOps"),
+    ("tensor.rs", "FloatTensorOps", "float"),
+    ("int_tensor.rs", "IntTensorOps", "int"),
+    ("bool_tensor.rs", "BoolTensorOps", "bool"),
+    ("activation.rs", "ActivationOps", "activation"),
+    ("qtensor.rs", "QTensorOps", "qtensor"),
+    ("modules/base.rs", "ModuleOps", "module"),
 ]
 
-# Written by hand in ops/manual.rs (float_random and int_random: per-thread
-# generator, see src/random.rs).
+# Mics: written by hand in ops/manual.rs (float_random and int_random:
+# per-thread generator, see src/random.rs).
 MANUAL = {
     "float_device", "float_to_device", "float_reshape", "float_swap_dims", "float_permute",
     "float_expand", "float_slice", "quantize", "deform_conv2d_backward",
     "float_into_data", "max_pool2d_with_indices", "max_pool2d_with_indices_backward",
     "float_random", "int_random",
 }
-# Burn's default body is the right one on a sharded parameter (no data touched,
-# or expressed through the lazy views above).
+# Mics: Burn's default body is the right one on a sharded parameter (no data
+# touched, or expressed through the lazy views above). `embedding_backward`'s
+# default reads only the table's shape, device and dtype (no backend
+# overrides it), so a sharded table is never gathered for its gradient.
 KEEP_DEFAULT = {
     "float_transpose", "float_detach", "float_set_require_grad", "float_is_require_grad",
+    "embedding_backward",
+}
+# Mics: arguments the inner op reads for their shape, dtype and device only
+# (the gradient of a weight does not depend on the weight's values): a
+# sharded parameter is passed as an uninitialised stand-in of its logical
+# shape (`manual::stand_in`), never gathered.
+METADATA_ONLY = {
+    f"conv{t}{d}d_{w}_backward": w
+    for t in ("", "_transpose")
+    for d in (1, 2, 3)
+    for w in ("weight", "bias")
 }
 
 PASS = re.compile(r"^&?(mut )?(IntTensor|BoolTensor|QuantizedTensor|Device)<Self>$")
+
+
+def burn_ops_dir():
+    out = subprocess.run(
+        ["cargo", "metadata", "--format-version", "1"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout
+    for package in json.loads(out)["packages"]:
+        if package["name"] == "burn-backend":
+            src = os.path.dirname(package["manifest_path"])
+            return os.path.join(src, "src", "backend", "ops"), package["version"]
+    sys.exit("delegate.py: cargo metadata lists no burn-backend package")
 
 
 def signatures(text):
@@ -77,10 +117,10 @@ def split_top(s):
     return parts
 
 
-def arg_expr(name, ty):
+def arg_expr(name, ty, metadata_only):
     ty = ty.replace(" ", "")
     if ty == "FloatTensor<Self>":
-        return f"local({name})"
+        return f"manual::stand_in({name})" if metadata_only else f"local({name})"
     if ty == "Option<FloatTensor<Self>>":
         return f"{name}.map(local)"
     if ty == "Vec<FloatTensor<Self>>":
@@ -115,86 +155,182 @@ def ret_expr(ty):
     return None
 
 
-def generate():
-    out = [
-        "// @generated by gen/delegate.py from burn-backend 0.21.0: do not edit.",
+def trait_body(ops_dir, path, trait):
+    text = open(os.path.join(ops_dir, path)).read()
+    start = text.index(f"pub trait {trait}")
+    depth, end = 0, text.index("{", start)
+    for end in range(end, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        if depth == 0:
+            break
+    return text[start:end]
+
+
+def parse(sig):
+    """(signature with `Self`, generics, argument list, return type)."""
+    sig = re.sub(r"\bB\b", "Self", sig).replace("crate::tensor::", "")
+    sig = re.sub(r"\b_(\w+):", r"\1:", sig)
+    open_at = sig.index("(")
+    depth, close_at = 0, open_at
+    for close_at in range(open_at, len(sig)):
+        depth += {"(": 1, ")": -1}.get(sig[close_at], 0)
+        if depth == 0:
+            break
+    generics = "<" in sig[:open_at]
+    args = split_top(sig[open_at + 1 : close_at])
+    ret = sig[close_at + 1 :].strip().removeprefix("->").strip()
+    return sig, generics, args, ret
+
+
+def one_line(sig):
+    line = re.sub(r"\s+", " ", sig)
+    line = re.sub(r"\bmut (\w+):", r"\1:", line)
+    return line.replace("( ", "(").replace(", )", ")")
+
+
+def header(version, what):
+    return [
+        f"// @generated by {GENERATOR} from burn-backend {version}: do not edit.",
+        f"//! {what}",
         "",
         "use super::prelude::*;",
         "",
     ]
+
+
+def mics_file(ops_dir, version, path, trait):
+    out = header(version, f"`{trait}` for `Mics<I>`: forwarded to the inner backend.")
     skipped = []
-    for path, trait in TRAITS:
-        text = open(os.path.join(ROOT, path)).read()
-        start = text.index(f"pub trait {trait}")
-        depth, end = 0, text.index("{", start)
-        for end in range(end, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[end], 0)
-            if depth == 0:
-                break
-        body = text[start:end]
-        out.append(f"impl<I: Backend> {trait}<Self> for Mics<I> {{")
-        for name, sig, required in signatures(body):
-            if name in KEEP_DEFAULT:
-                continue
-            sig = re.sub(r"\bB\b", "Self", sig).replace("crate::tensor::", "")
-            sig = re.sub(r"\b_(\w+):", r"\1:", sig)
-            open_at = sig.index("(")
-            depth, close_at = 0, open_at
-            for close_at in range(open_at, len(sig)):
-                depth += {"(": 1, ")": -1}.get(sig[close_at], 0)
-                if depth == 0:
-                    break
-            generics = "<" in sig[:open_at]
-            args = sig[open_at + 1 : close_at]
-            ret = sig[close_at + 1 :].strip().removeprefix("->").strip()
-            ok = not generics and ("impl Future" not in ret or "FloatTensor" not in sig)
-            names, exprs = [], []
-            for a in split_top(args):
-                if not ok:
-                    break
-                if a in ("&self", "self"):
-                    ok = False
-                    break
-                if ":" not in a:
-                    sys.stderr.write(f"odd arg {name}: {a!r}\n"); ok = False; break
-                n, t = a.split(":", 1)
-                n = n.strip().removeprefix("mut ")
-                e = arg_expr(n, t.strip())
-                if e is None:
-                    ok = False
-                names.append(n)
-                exprs.append(e)
-            if name in MANUAL:
-                sig_line = re.sub(r"\s+", " ", sig).replace("( ", "(").replace(", )", ")")
-                out.append(f"    {sig_line} {{")
-                out.append(f"        manual::{name}::<I>({', '.join(a.split(':')[0].strip() for a in split_top(args))})")
-                out.append("    }")
-                continue
-            r = ret_expr(ret) if ok else None
-            if r is None:
-                if required:
-                    skipped.append(f"{trait}::{name}")
-                continue
-            has_float = any(e.startswith("local(") or ".map(local)" in e for e in exprs)
-            call = f"I::{name}({', '.join(exprs)})"
-            sig_line = re.sub(r"\s+", " ", sig)
-            sig_line = re.sub(r"\bmut (\w+):", r"\1:", sig_line)
-            sig_line = sig_line.replace("( ", "(").replace(", )", ")")
-            out.append(f"    {sig_line} {{")
-            if r == "out" and not has_float:
-                out.append(f"        {call}")
-            else:
-                out.append(f"        let out = {call};")
-                if has_float:
-                    out.append("        release_gathered();")
-                out.append(f"        {r}")
+    body = trait_body(ops_dir, path, trait)
+    out.append(f"impl<I: Backend> {trait}<Self> for Mics<I> {{")
+    for name, raw, required in signatures(body):
+        if name in KEEP_DEFAULT:
+            continue
+        sig, generics, args, ret = parse(raw)
+        if name in MANUAL:
+            names = ", ".join(a.split(":")[0].strip() for a in args)
+            out.append(f"    {one_line(sig)} {{")
+            out.append(f"        manual::{name}::<I>({names})")
             out.append("    }")
-        out.append("}")
-        out.append("")
+            continue
+        ok = not generics and ("impl Future" not in ret or "FloatTensor" not in sig)
+        exprs = []
+        for a in args:
+            if not ok:
+                break
+            if a in ("&self", "self") or ":" not in a:
+                ok = False
+                break
+            n, t = a.split(":", 1)
+            n = n.strip().removeprefix("mut ")
+            e = arg_expr(n, t.strip(), METADATA_ONLY.get(name) == n)
+            if e is None:
+                ok = False
+            exprs.append(e)
+        r = ret_expr(ret) if ok else None
+        if r is None:
+            if required:
+                skipped.append(f"{trait}::{name}")
+            continue
+        gathers = any(e.startswith("local(") or ".map(local)" in e for e in exprs)
+        call = f"I::{name}({', '.join(exprs)})"
+        out.append(f"    {one_line(sig)} {{")
+        if r == "out" and not gathers:
+            out.append(f"        {call}")
+        else:
+            out.append(f"        let out = {call};")
+            if gathers:
+                out.append("        release_gathered();")
+            out.append(f"        {r}")
+        out.append("    }")
+    out.append("}")
     if skipped:
         sys.exit("required methods neither generated nor in MANUAL: " + ", ".join(skipped))
-    return "\n".join(out)
+    return "\n".join(out) + "\n"
+
+
+# Plain: results and arguments that are structs over the backend type, whose
+# fields are the same primitives: converted field by field (crates/plain/src/convert.rs).
+PLAIN_RESULTS = {
+    "DeformConv2dBackward<Self>": "deform_conv2d_backward",
+    "MaxPool1dWithIndices<Self>": "max_pool1d_with_indices",
+    "MaxPool1dBackward<Self>": "max_pool1d_backward",
+    "MaxPool2dWithIndices<Self>": "max_pool2d_with_indices",
+    "MaxPool2dBackward<Self>": "max_pool2d_backward",
+    "TensorPrimitive<Self>": "tensor_primitive",
+}
+PLAIN_ARGS = {
+    "QuantizationParametersPrimitive<Self>": "qparams",
+    "TensorPrimitive<Self>": "tensor_primitive_in",
+}
+
+
+def plain_file(ops_dir, version, path, trait):
+    out = header(version, f"`{trait}` for `Plain<B>`: every method forwarded to `B` unchanged.")
+    body = trait_body(ops_dir, path, trait)
+    out.append(f"impl<B: Backend> {trait}<Self> for Plain<B> {{")
+    for name, raw, _required in signatures(body):
+        sig, generics, args, ret = parse(raw)
+        if generics or any(a in ("&self", "self") for a in args):
+            sys.exit(f"delegate.py: {trait}::{name} has generics or a receiver: forward it by hand")
+        exprs = []
+        for a in args:
+            n, t = a.split(":", 1)
+            n = n.strip().removeprefix("mut ")
+            convert = PLAIN_ARGS.get(t.replace(" ", ""))
+            exprs.append(f"convert::{convert}({n})" if convert else n)
+        call = f"B::{name}({', '.join(exprs)})"
+        convert = PLAIN_RESULTS.get(ret.replace(" ", ""))
+        out.append(f"    {one_line(sig)} {{")
+        out.append(f"        convert::{convert}({call})" if convert else f"        {call}")
+        out.append("    }")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def outputs():
+    ops_dir, version = burn_ops_dir()
+    files = {}
+    for path, trait, stem in TRAITS:
+        files[f"crates/backend/src/ops/{stem}.rs"] = mics_file(ops_dir, version, path, trait)
+        files[f"crates/plain/src/ops/{stem}.rs"] = plain_file(ops_dir, version, path, trait)
+    return files
+
+
+def rustfmt(paths):
+    subprocess.run(["rustfmt", "--edition", "2024", *paths], check=True)
+
+
+def main():
+    check = "--check" in sys.argv[1:]
+    files = outputs()
+    if not check:
+        for rel, text in files.items():
+            with open(os.path.join(ROOT, rel), "w") as f:
+                f.write(text)
+        rustfmt([os.path.join(ROOT, rel) for rel in files])
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for rel, text in files.items():
+            path = os.path.join(tmp, rel.replace("/", "__"))
+            with open(path, "w") as f:
+                f.write(text)
+            paths[rel] = path
+        rustfmt(list(paths.values()))
+        stale = []
+        for rel, path in paths.items():
+            committed = os.path.join(ROOT, rel)
+            fresh = open(path).read()
+            if not os.path.exists(committed) or open(committed).read() != fresh:
+                stale.append(rel)
+        if stale:
+            sys.exit(
+                "delegate.py --check: generated files are stale: " + ", ".join(stale)
+                + f"\nregenerate with: python3 {GENERATOR}"
+            )
+        print(f"delegate.py --check: {len(paths)} generated files up to date")
 
 
 if __name__ == "__main__":
-    print(generate())
+    main()

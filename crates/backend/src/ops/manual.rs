@@ -26,6 +26,20 @@ fn view<I: Backend>(
     }
 }
 
+/// A stand-in for an argument the inner op reads for its shape, dtype and
+/// device only (a weight whose gradient is computed): a sharded parameter
+/// becomes an uninitialised tensor of its logical shape, without a gather.
+pub fn stand_in<I: Backend>(tensor: F<I>) -> I::FloatTensorPrimitive {
+    match tensor {
+        MicsTensor::Local(t) => t,
+        MicsTensor::Sharded(s) => {
+            let device = I::float_device(&s.param.shard);
+            let dtype = s.param.dtype.into();
+            I::float_empty(s.shape.clone(), &device, dtype)
+        }
+    }
+}
+
 pub fn float_reshape<I: Backend>(tensor: F<I>, shape: Shape) -> F<I> {
     view(tensor, View::Reshape(shape.clone()), |t| {
         I::float_reshape(t, shape)
