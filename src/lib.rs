@@ -6,6 +6,8 @@
 //! - [`backend`]: `Mics<B>`, the sharding backend decorator, the one-call
 //!   shard/gather API and the sharded optimizer;
 //! - [`comm`]: the communicator trait, its engines and the MiCS topology;
+//! - [`plain`]: `Plain<B>`, plain Burn made an autodiff backend in builds
+//!   where Burn's distributed autodiff is on (references, baselines);
 //! - [`planner`]: memory and step-time models of DDP, ZeRO and MiCS;
 //! - [`hub`]: Hugging Face safetensors, `config.json` and tokenizers;
 //! - [`bert`], [`gpt`]: the models, plain Burn modules;
@@ -23,5 +25,6 @@ pub use mics_comm as comm;
 pub use mics_datasets as datasets;
 pub use mics_gpt as gpt;
 pub use mics_hub as hub;
+pub use mics_plain as plain;
 pub use mics_planner as planner;
 pub use mics_train as train;

@@ -24,6 +24,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use mics_backend::{Mics, MicsRuntime, PrefetchConfig, ShardInit, ShardedOptimizer, shard_module};
 use mics_comm::{Communicator, MicsGroups, ThreadsEngine, Topology};
+use mics_plain::Plain;
 
 const VOCAB: usize = 256;
 const D: usize = 96;
@@ -102,12 +103,10 @@ fn env(name: &str, default: u64) -> u64 {
 
 /// Plain Burn: `steps` timed steps after one warm-up, per-rank batch `BATCH`.
 fn plain_steps(rank: usize, steps: usize) -> Duration {
-    #[cfg(not(feature = "early-reduce"))]
-    type B = Autodiff<NdArray>;
-    // Burn's `distributed` feature (on with `early-reduce`) makes `Autodiff<B>`
-    // an autodiff backend only for `B: DistributedBackend`.
-    #[cfg(feature = "early-reduce")]
-    type B = Autodiff<Mics<NdArray>>;
+    // Plain Burn; `Plain` because Burn's `distributed` autodiff (on with
+    // `early-reduce`) makes `Autodiff<B>` an autodiff backend only for
+    // `B: DistributedBackend`.
+    type B = Autodiff<Plain<NdArray>>;
     let device = Default::default();
     let mut model = Gpt::<B>::new(&device);
     let mut optim = AdamWConfig::new().init::<B, Gpt<B>>();

@@ -71,6 +71,9 @@ impl<B: Backend> DistributedBackend for Mics<B> {
         let Some((id, runtime)) = lookup(params.param_id) else {
             return;
         };
+        if !runtime.reduce_in_backward() {
+            return; // Left in the container: reduced after backward.
+        }
         // SAFETY: Burn passes a pointer to the gradient in its container,
         // which nothing else borrows while `Gradients::register` runs this
         // hook on the current thread; the parameter's last contribution has

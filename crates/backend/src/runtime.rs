@@ -1,7 +1,7 @@
 //! Per-rank state of the decorator: the MiCS groups and the counters.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use mics_comm::MicsGroups;
 
@@ -101,6 +101,9 @@ pub struct MicsRuntime {
     groups: MicsGroups,
     /// The next parameter slot `shard_module` hands out.
     next_slot: AtomicU64,
+    /// Whether gradients are reduce-scattered during backward (the
+    /// `early-reduce` hook) or only after it.
+    reduce_in_backward: AtomicBool,
     pub(crate) counters: AtomicCounters,
     pub(crate) prefetcher: Prefetcher,
     pub(crate) grads: GradReducer,
@@ -131,6 +134,7 @@ impl MicsRuntime {
         Arc::new(MicsRuntime {
             groups,
             next_slot: AtomicU64::new(0),
+            reduce_in_backward: AtomicBool::new(true),
             counters: AtomicCounters::default(),
             prefetcher: Prefetcher::new(prefetch),
             grads: GradReducer::default(),
@@ -143,6 +147,23 @@ impl MicsRuntime {
     /// ranks (see `ShardedParam`).
     pub(crate) fn claim_slot(&self) -> u64 {
         self.next_slot.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Reduce-scatter each parameter's gradient during backward, as soon as
+    /// it is complete (`true`, the default with the `early-reduce` feature),
+    /// or only once `backward()` has returned (`false`: every full gradient
+    /// is held at once, and no gradient communication overlaps backward).
+    /// The results are the same either way; `false` is for measuring the
+    /// overlap. Without the `early-reduce` feature gradients are always
+    /// reduced after backward. Set it on every rank alike.
+    pub fn set_reduce_in_backward(&self, on: bool) {
+        self.reduce_in_backward.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether gradients are reduce-scattered during backward (see
+    /// [`set_reduce_in_backward`](Self::set_reduce_in_backward)).
+    pub fn reduce_in_backward(&self) -> bool {
+        cfg!(feature = "early-reduce") && self.reduce_in_backward.load(Ordering::Relaxed)
     }
 
     /// The element types of this runtime's collectives.

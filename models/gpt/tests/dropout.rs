@@ -12,9 +12,12 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use mics_gpt::{Gpt2Config, Gpt2LMHeadModel, SaveOptions};
 use mics_hub::CheckpointWriter;
+use mics_plain::Plain;
 use serde_json::{Value, json};
 
-type B = NdArray<f32>;
+// Plain<NdArray>: an autodiff backend (below) whether or not Burn's
+// `distributed` autodiff feature is on in this build (crates/plain).
+type B = Plain<NdArray<f32>>;
 type A = Autodiff<B>;
 
 /// NdArray's random generator is process-global: the tests that draw from it (weight

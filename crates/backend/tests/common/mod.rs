@@ -19,17 +19,13 @@ use mics_backend::{
 };
 use mics_comm::{CollectiveKind, Collectives, CommStats, Communicator, MicsGroups, ReduceOp};
 use mics_comm::{ThreadsEngine, Topology};
+use mics_plain::Plain;
 
-/// The one-process reference backend.
-#[cfg(not(feature = "early-reduce"))]
-pub type Ref = Autodiff<NdArray>;
-/// The one-process reference backend. With `early-reduce`, Burn's
-/// `distributed` feature is on and `Autodiff<B>` is an autodiff backend only
-/// for `B: DistributedBackend`, which NdArray is not: the reference runs on
-/// `Mics<NdArray>` with plain local parameters (never sharded, never marked),
-/// where every op is forwarded to NdArray.
-#[cfg(feature = "early-reduce")]
-pub type Ref = Autodiff<Mics<NdArray>>;
+/// The one-process reference backend: plain Burn on NdArray, through
+/// `Plain` (a pass-through that is not `Mics`, so the reference does not run
+/// through the code under test), because Burn's `distributed` autodiff
+/// feature, on with `early-reduce`, excludes plain NdArray.
+pub type Ref = Autodiff<Plain<NdArray>>;
 /// The inner backend of [`Ref`].
 pub type RefInner = <Ref as burn::tensor::backend::AutodiffBackend>::InnerBackend;
 pub type Dist = Autodiff<Mics<NdArray>>;

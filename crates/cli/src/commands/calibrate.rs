@@ -503,7 +503,8 @@ fn probe_shared(setup: &Setup, ranks: usize) -> anyhow::Result<Shared> {
 /// at once each with its own model: the median of the slowest thread.
 fn plain_steps(setup: &Setup, ranks: usize) -> f64 {
     use burn::optim::{GradientsParams, Optimizer};
-    type B = Autodiff<NdArray>;
+    // Plain: an autodiff backend under Burn's distributed autodiff too.
+    type B = Autodiff<mics_plain::Plain<NdArray>>;
     let barrier = std::sync::Barrier::new(ranks);
     let per_thread: Vec<Vec<f64>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..ranks)

@@ -498,7 +498,8 @@ fn bench_plain<B: Backend>(
     dtype: &str,
     memory: MemProbe,
 ) -> anyhow::Result<Value> {
-    type AB<B> = burn::backend::Autodiff<B>;
+    // Plain: an autodiff backend under Burn's distributed autodiff too.
+    type AB<B> = burn::backend::Autodiff<mics_plain::Plain<B>>;
     let config = args.config();
     let (batch, seq) = (args.micro_batch, args.seq());
     let mut rec = Recorder::new(args, memory, format!("burn/{dtype}"));
