@@ -70,7 +70,7 @@ fn gather<B: Backend>(tensor: ShardedTensor<B>) -> B::FloatTensorPrimitive {
         Some(gathered) => gathered,
         None => {
             runtime.counters.acquire_live(bytes);
-            Gathered::Own(start_gather(param))
+            Gathered::Own(start_gather(param, runtime.precision().gather))
         }
     };
     let full = full.wait().unwrap_or_else(|err| {
@@ -96,7 +96,10 @@ fn gather<B: Backend>(tensor: ShardedTensor<B>) -> B::FloatTensorPrimitive {
 
 /// Start the all-gather of a parameter inside its partition group; the
 /// result is the full parameter, unpadded.
-pub(crate) fn start_gather<B: Backend>(param: &ShardedParam<B>) -> Work<Vec<f32>> {
+pub(crate) fn start_gather<B: Backend>(
+    param: &ShardedParam<B>,
+    dtype: mics_comm::DType,
+) -> Work<Vec<f32>> {
     let counters = &param.runtime.counters;
     counters.gathers.fetch_add(1, Ordering::Relaxed);
     counters.gather_collectives.fetch_add(1, Ordering::Relaxed);
@@ -110,7 +113,6 @@ pub(crate) fn start_gather<B: Backend>(param: &ShardedParam<B>) -> Work<Vec<f32>
     let numel = param.sharding.numel();
     let runtime = &param.runtime;
     let tag = Fingerprint::of_pieces([param.fingerprint_words()]);
-    let dtype = runtime.precision().gather;
     crate::precision::all_gather_partition(runtime.groups(), dtype, shard, tag).map(
         move |mut full| {
             full.truncate(numel);
@@ -129,7 +131,7 @@ pub(crate) fn primitive_to_vec<B: Backend>(t: B::FloatTensorPrimitive) -> Vec<f3
 
 impl<B: Backend> GatherSource for ShardedParam<B> {
     fn start(&self) -> Work<Vec<f32>> {
-        start_gather(self)
+        start_gather(self, self.runtime.precision().gather)
     }
 
     fn bytes(&self) -> u64 {
@@ -256,4 +258,35 @@ pub(crate) fn start_together(sources: &[Arc<dyn GatherSource>]) -> Vec<Gathered>
     (0..parts)
         .map(|i| Gathered::Part(shared.clone(), i))
         .collect()
+}
+
+/// The tensor as a tensor of the inner backend, a sharded parameter gathered
+/// in full precision (f32 on the wire, whatever [`Precision::gather`] says):
+/// the master values, for export. Not prefetched; no gathered bytes stay
+/// counted after it returns.
+pub(crate) fn local_exact<B: Backend>(tensor: MicsTensor<B>) -> B::FloatTensorPrimitive {
+    let sharded = match tensor {
+        MicsTensor::Local(t) => return t,
+        MicsTensor::Sharded(s) => s,
+    };
+    let param = &sharded.param;
+    let full = if param.sharding.parts() == 1 {
+        primitive_to_vec::<B>(param.shard.clone())[..param.sharding.numel()].to_vec()
+    } else {
+        start_gather(param, mics_comm::DType::F32)
+            .wait()
+            .unwrap_or_else(|err| {
+                panic!(
+                    "mics: all-gather of parameter {} (slot {}, shape {:?}) for export in partition group {:?} (world ranks) failed: {err}",
+                    param.id,
+                    param.slot,
+                    param.shape,
+                    param.runtime.groups().partition().world_ranks(),
+                )
+            })
+    };
+    let device = B::float_device(&param.shard);
+    let data = TensorData::new(full, param.shape.clone()).convert_dtype(param.dtype);
+    let out = B::float_from_data(data, &device);
+    sharded.views.iter().fold(out, |t, view| view.apply::<B>(t))
 }

@@ -8,7 +8,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use mics_comm::{Collectives, Sharding};
 
-use crate::gather::{local, primitive_to_vec, release_gathered};
+use crate::gather::{local, local_exact, primitive_to_vec};
 use crate::prefetch::GatherSource;
 use crate::runtime::MicsRuntime;
 use crate::tensor::{ShardedParam, ShardedTensor};
@@ -41,7 +41,9 @@ where
 }
 
 /// Gather every sharded parameter of `module` into a plain local tensor (for
-/// export or evaluation). Collective inside each partition group.
+/// export or evaluation), in full precision: the f32 master values even when
+/// the runtime gathers in bf16 or f16 for compute. Collective inside each
+/// partition group.
 pub fn gather_module<B, AB, M>(module: M) -> M
 where
     B: Backend,
@@ -177,10 +179,8 @@ where
     AB: AutodiffBackend<InnerBackend = Mics<B>>,
 {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
-        map_inner(param, |_, prim| {
-            let t = local(prim);
-            release_gathered();
-            MicsTensor::Local(t)
-        })
+        // The master values: gathered in full precision, whatever the
+        // runtime's gather precision, so an export loses nothing.
+        map_inner(param, |_, prim| MicsTensor::Local(local_exact(prim)))
     }
 }
