@@ -10,7 +10,7 @@
 //!   where Burn's distributed autodiff is on (references, baselines);
 //! - [`planner`]: memory and step-time models of DDP, ZeRO and MiCS;
 //! - [`hub`]: Hugging Face safetensors, `config.json` and tokenizers;
-//! - [`bert`], [`gpt`]: the models, plain Burn modules;
+//! - [`bert`], [`gpt`], [`llama`]: the models, plain Burn modules;
 //! - [`datasets`]: tokenized corpora, the global-batch sampler, LM and MLM batches;
 //! - [`train`]: the trainer behind `mics train` and `mics export` (configs, the
 //!   sharded training loop, sharded checkpoints, Hugging Face export).
@@ -25,6 +25,7 @@ pub use mics_comm as comm;
 pub use mics_datasets as datasets;
 pub use mics_gpt as gpt;
 pub use mics_hub as hub;
+pub use mics_llama as llama;
 pub use mics_plain as plain;
 pub use mics_planner as planner;
 pub use mics_train as train;
