@@ -22,7 +22,10 @@
 //!   [`FusedCrossEntropyBackend::fused_linear_cross_entropy_backward`],
 //!   saving only its inputs (never logits);
 //! - `Mics<B>` gathers a sharded weight (the tied embedding) for the inner
-//!   op, through `mics_backend::extension`.
+//!   op, through `mics_backend::extension`;
+//! - with the cargo feature `wgpu` or `cuda`, Burn's cubecl backends
+//!   (`CubeBackend<R, F, I, BT>` and `Fusion<B>`, the types behind
+//!   `burn::backend::Wgpu` and `Cuda`) use the generic implementation.
 //!
 //! ```
 //! use burn::backend::{Autodiff, NdArray};
@@ -49,6 +52,8 @@ use burn::tensor::{Int, Tensor, TensorPrimitive};
 
 mod autodiff;
 pub mod cpu;
+#[cfg(feature = "cubecl")]
+mod cubecl;
 pub mod generic;
 pub mod math;
 mod mics;
