@@ -12,6 +12,8 @@
 //! - [`hub`]: Hugging Face safetensors, `config.json` and tokenizers;
 //! - [`bert`], [`gpt`], [`llama`]: the models, plain Burn modules;
 //! - [`datasets`]: tokenized corpora, the global-batch sampler, LM and MLM batches;
+//! - [`fused`]: fused linear + cross-entropy for large vocabularies (the LM
+//!   head's loss and gradients in chunks of tokens);
 //! - [`train`]: the trainer behind `mics train` and `mics export` (configs, the
 //!   sharded training loop, sharded checkpoints, Hugging Face export).
 //!
@@ -23,6 +25,7 @@ pub use mics_backend as backend;
 pub use mics_bert as bert;
 pub use mics_comm as comm;
 pub use mics_datasets as datasets;
+pub use mics_fused as fused;
 pub use mics_gpt as gpt;
 pub use mics_hub as hub;
 pub use mics_llama as llama;

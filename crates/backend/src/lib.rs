@@ -149,6 +149,7 @@
 mod backend;
 #[cfg(feature = "early-reduce")]
 mod early;
+pub mod extension;
 mod gather;
 mod ops;
 mod optim;

@@ -1,0 +1,322 @@
+//! The `NdArray` implementation: host code on the tensors' `f32` data.
+//!
+//! Per chunk of counted tokens (tokens whose target is [`IGNORE_INDEX`] or
+//! whose weight is 0 are skipped, not masked): the chunk's hidden rows are
+//! copied into a contiguous buffer, one GEMM (`matrixmultiply`'s `sgemm`
+//! through `ndarray`, as NdArray's matmul) writes the `[chunk, V]` logits,
+//! and each row's maximum, `sum exp(x - max)` and target logit give the loss
+//! ([`math`]'s vectorised `exp`, rows in parallel). The backward pass
+//! recomputes the logits, turns each row into `w_t g (softmax - onehot)` in
+//! place, and two more GEMMs give the chunk's rows of `d hidden` and add the
+//! chunk's share of `d weight`. The buffers are allocated once per call.
+//!
+//! Deterministic: `matrixmultiply` splits the output among its threads (each
+//! element is summed in the same order whatever the thread count), each row
+//! is processed by one thread with lane-wise reductions ([`math`]), and the
+//! per-token losses are summed in token order.
+//!
+//! Tensors of another dtype than `f32` go to the [`generic`]
+//! implementation.
+
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn_ndarray::{
+    FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray,
+};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Ix1, Ix2};
+use rayon::prelude::*;
+
+use crate::{FusedCrossEntropyBackend, IGNORE_INDEX, generic, math};
+
+/// A counted token: its row, its target and its weight.
+#[derive(Debug, Clone, Copy)]
+struct Token {
+    row: usize,
+    target: usize,
+    weight: f32,
+}
+
+/// The counted tokens, in order; panics on a target outside `0..vocab`.
+fn counted(targets: &[i64], weights: Option<ArrayView1<'_, f32>>, vocab: usize) -> Vec<Token> {
+    if let Some(w) = &weights {
+        assert_eq!(
+            w.len(),
+            targets.len(),
+            "token_weights must have one weight per target"
+        );
+    }
+    targets
+        .iter()
+        .enumerate()
+        .filter_map(|(row, &target)| {
+            if target == IGNORE_INDEX {
+                return None;
+            }
+            assert!(
+                (0..vocab as i64).contains(&target),
+                "target {target} of token {row} is outside the vocabulary 0..{vocab} (and not IGNORE_INDEX = {IGNORE_INDEX})"
+            );
+            let weight = weights.as_ref().map_or(1.0, |w| w[row]);
+            (weight != 0.0).then_some(Token {
+                row,
+                target: target as usize,
+                weight,
+            })
+        })
+        .collect()
+}
+
+fn check_shapes(hidden: &ArrayView2<'_, f32>, weight: &ArrayView2<'_, f32>, targets: &[i64]) {
+    assert_eq!(
+        hidden.ncols(),
+        weight.ncols(),
+        "hidden is {:?} but weight is {:?} (must be [V, H])",
+        hidden.dim(),
+        weight.dim()
+    );
+    assert_eq!(
+        hidden.nrows(),
+        targets.len(),
+        "hidden has {} rows but there are {} targets",
+        hidden.nrows(),
+        targets.len()
+    );
+}
+
+/// Copies the tokens' hidden rows into the first rows of `buf` (`[_, H]`).
+fn gather_rows(hidden: &ArrayView2<'_, f32>, tokens: &[Token], buf: &mut [f32]) {
+    let h = hidden.ncols();
+    for (dst, token) in buf.chunks_exact_mut(h).zip(tokens) {
+        for (d, &s) in dst.iter_mut().zip(hidden.row(token.row)) {
+            *d = s;
+        }
+    }
+}
+
+/// The logits of a chunk: `out[..n·V] = hidden rows · weightᵀ`.
+fn chunk_logits(hrows: &ArrayView2<'_, f32>, weight: &ArrayView2<'_, f32>, out: &mut [f32]) {
+    let (n, v) = (hrows.nrows(), weight.nrows());
+    let mut logits = ArrayViewMut2::from_shape((n, v), &mut out[..n * v]).expect("chunk buffer");
+    general_mat_mul(1.0, hrows, &weight.t(), 0.0, &mut logits);
+}
+
+/// The loss: `sum_t w_t (logsumexp(h_t · Wᵀ) - h_t · W[target_t])` over the
+/// counted tokens, `chunk_tokens` tokens at a time.
+///
+/// `hidden`: `[T, H]`; `weight`: `[V, H]`; `targets`: `T` ids in `0..V` or
+/// [`IGNORE_INDEX`]; `token_weights`: `[T]`. Any strides.
+///
+/// # Panics
+///
+/// On mismatched shapes, `chunk_tokens == 0`, or a target outside `0..V`
+/// other than [`IGNORE_INDEX`].
+pub fn forward(
+    hidden: ArrayView2<'_, f32>,
+    weight: ArrayView2<'_, f32>,
+    targets: &[i64],
+    token_weights: Option<ArrayView1<'_, f32>>,
+    chunk_tokens: usize,
+) -> f32 {
+    assert!(chunk_tokens > 0, "chunk_tokens must be at least 1");
+    check_shapes(&hidden, &weight, targets);
+    let (h, v) = (hidden.ncols(), weight.nrows());
+    let tokens = counted(targets, token_weights, v);
+    let chunk = chunk_tokens.min(tokens.len());
+    if chunk == 0 {
+        return 0.0;
+    }
+    let mut hbuf = vec![0.0_f32; chunk * h];
+    let mut logits = vec![0.0_f32; chunk * v];
+    let mut nll = vec![0.0_f64; chunk];
+    let mut total = 0.0_f64;
+    for block in tokens.chunks(chunk) {
+        let n = block.len();
+        gather_rows(&hidden, block, &mut hbuf);
+        let hrows = ArrayView2::from_shape((n, h), &hbuf[..n * h]).expect("chunk buffer");
+        chunk_logits(&hrows, &weight, &mut logits);
+        logits[..n * v]
+            .par_chunks(v)
+            .zip(block.par_iter())
+            .zip(nll[..n].par_iter_mut())
+            .for_each(|((row, token), out)| {
+                let max = math::max(row);
+                let sum = math::sum_exp_shifted(row, max);
+                *out = (max as f64 - row[token.target] as f64) + (sum as f64).ln();
+            });
+        for (token, &l) in block.iter().zip(&nll) {
+            total += token.weight as f64 * l;
+        }
+    }
+    total as f32
+}
+
+/// The gradients `(d hidden [T, H], d weight [V, H])` of [`forward`]'s loss,
+/// times `grad_output`, recomputing each chunk's logits. Rows of tokens that
+/// do not count are zero in `d hidden`.
+///
+/// # Panics
+///
+/// As [`forward`].
+pub fn backward(
+    hidden: ArrayView2<'_, f32>,
+    weight: ArrayView2<'_, f32>,
+    targets: &[i64],
+    token_weights: Option<ArrayView1<'_, f32>>,
+    chunk_tokens: usize,
+    grad_output: f32,
+) -> (Array2<f32>, Array2<f32>) {
+    assert!(chunk_tokens > 0, "chunk_tokens must be at least 1");
+    check_shapes(&hidden, &weight, targets);
+    let (t, h, v) = (hidden.nrows(), hidden.ncols(), weight.nrows());
+    let tokens = counted(targets, token_weights, v);
+    let mut grad_hidden = Array2::<f32>::zeros((t, h));
+    let mut grad_weight = Array2::<f32>::zeros((v, h));
+    let chunk = chunk_tokens.min(tokens.len());
+    if chunk == 0 {
+        return (grad_hidden, grad_weight);
+    }
+    let mut hbuf = vec![0.0_f32; chunk * h];
+    let mut logits = vec![0.0_f32; chunk * v];
+    let mut dh = Array2::<f32>::zeros((chunk, h));
+    for (i, block) in tokens.chunks(chunk).enumerate() {
+        let n = block.len();
+        gather_rows(&hidden, block, &mut hbuf);
+        let hrows = ArrayView2::from_shape((n, h), &hbuf[..n * h]).expect("chunk buffer");
+        chunk_logits(&hrows, &weight, &mut logits);
+        // Each row becomes w_t g (softmax - onehot(target)).
+        logits[..n * v]
+            .par_chunks_mut(v)
+            .zip(block.par_iter())
+            .for_each(|(row, token)| {
+                let max = math::max(row);
+                math::exp_shifted_in_place(row, max);
+                let sum = math::sum(row);
+                let scale = grad_output * token.weight;
+                math::scale_in_place(row, scale / sum);
+                row[token.target] -= scale;
+            });
+        let g = ArrayView2::from_shape((n, v), &logits[..n * v]).expect("chunk buffer");
+        let mut dh = dh.slice_mut(ndarray::s![..n, ..]);
+        general_mat_mul(1.0, &g, &weight, 0.0, &mut dh);
+        for (token, row) in block.iter().zip(dh.rows()) {
+            grad_hidden.row_mut(token.row).assign(&row);
+        }
+        let beta = if i == 0 { 0.0 } else { 1.0 };
+        general_mat_mul(1.0, &g.t(), &hrows, beta, &mut grad_weight);
+    }
+    (grad_hidden, grad_weight)
+}
+
+fn view2(t: &NdArrayTensor) -> Option<ArrayView2<'_, f32>> {
+    match t {
+        NdArrayTensor::F32(s) => s.view().into_dimensionality::<Ix2>().ok(),
+        _ => None,
+    }
+}
+
+fn view1(t: &NdArrayTensor) -> Option<ArrayView1<'_, f32>> {
+    match t {
+        NdArrayTensor::F32(s) => s.view().into_dimensionality::<Ix1>().ok(),
+        _ => None,
+    }
+}
+
+fn host_targets<E, I, Q>(targets: IntTensor<NdArray<E, I, Q>>) -> Vec<i64>
+where
+    E: FloatNdArrayElement,
+    I: IntNdArrayElement,
+    Q: QuantElement,
+    NdArrayTensor: From<SharedArray<E>>,
+    NdArrayTensor: From<SharedArray<I>>,
+{
+    match &targets {
+        NdArrayTensor::I64(s) => s.view().iter().copied().collect(),
+        NdArrayTensor::I32(s) => s.view().iter().map(|&x| x as i64).collect(),
+        _ => Tensor::<NdArray<E, I, Q>, 1, Int>::from_primitive(targets)
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .expect("converted to i64"),
+    }
+}
+
+fn host_scalar<E, I, Q>(t: FloatTensor<NdArray<E, I, Q>>) -> f32
+where
+    E: FloatNdArrayElement,
+    I: IntNdArrayElement,
+    Q: QuantElement,
+    NdArrayTensor: From<SharedArray<E>>,
+    NdArrayTensor: From<SharedArray<I>>,
+{
+    let values = Tensor::<NdArray<E, I, Q>, 1>::from_primitive(TensorPrimitive::Float(t))
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("converted to f32");
+    assert_eq!(values.len(), 1, "grad_output must have one element");
+    values[0]
+}
+
+fn tensor(array: Array2<f32>) -> NdArrayTensor {
+    array.into_shared().into_dyn().into()
+}
+
+/// `f32` tensors take the host path; other dtypes the generic one.
+impl<E, I, Q> FusedCrossEntropyBackend for NdArray<E, I, Q>
+where
+    E: FloatNdArrayElement,
+    I: IntNdArrayElement,
+    Q: QuantElement,
+    NdArrayTensor: From<SharedArray<E>>,
+    NdArrayTensor: From<SharedArray<I>>,
+{
+    fn fused_linear_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        token_weights: Option<FloatTensor<Self>>,
+        chunk_tokens: usize,
+    ) -> FloatTensor<Self> {
+        let weights = token_weights.as_ref().map(view1);
+        if let (Some(h), Some(w), None | Some(Some(_))) = (view2(&hidden), view2(&weight), weights)
+        {
+            let targets = host_targets::<E, I, Q>(targets);
+            let loss = forward(h, w, &targets, weights.flatten(), chunk_tokens);
+            return SharedArray::<f32>::from_elem(ndarray::IxDyn(&[1]), loss).into();
+        }
+        generic::fused_linear_cross_entropy::<Self>(
+            hidden,
+            weight,
+            targets,
+            token_weights,
+            chunk_tokens,
+        )
+    }
+
+    fn fused_linear_cross_entropy_backward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        token_weights: Option<FloatTensor<Self>>,
+        chunk_tokens: usize,
+        grad_output: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let weights = token_weights.as_ref().map(view1);
+        if let (Some(h), Some(w), None | Some(Some(_))) = (view2(&hidden), view2(&weight), weights)
+        {
+            let targets = host_targets::<E, I, Q>(targets);
+            let grad = host_scalar::<E, I, Q>(grad_output);
+            let (gh, gw) = backward(h, w, &targets, weights.flatten(), chunk_tokens, grad);
+            return (tensor(gh), tensor(gw));
+        }
+        generic::fused_linear_cross_entropy_backward::<Self>(
+            hidden,
+            weight,
+            targets,
+            token_weights,
+            chunk_tokens,
+            grad_output,
+        )
+    }
+}

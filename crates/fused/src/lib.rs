@@ -1,0 +1,208 @@
+//! Fused linear + cross-entropy for large vocabularies.
+//!
+//! A language model's head projects `T` hidden states (`[T, H]`) onto a
+//! vocabulary of `V` tokens (`weight`: `[V, H]`, often the tied embedding),
+//! takes the log-softmax and the negative log-likelihood of each target. Done
+//! with plain tensor ops, the `[T, V]` logits (206 MB at `T = 1024`,
+//! `V = 50257` in `f32`) are written, copied and exponentiated several times,
+//! forward and backward. [`linear_cross_entropy`] computes the loss and its
+//! gradients **in chunks of tokens** instead: at most one `[chunk, V]` block
+//! of logits exists at a time, in the forward and in the backward pass (which
+//! recomputes each chunk's logits from `hidden` and `weight`).
+//!
+//! The op is a Burn *backend extension* ([`FusedCrossEntropyBackend`]):
+//!
+//! - every backend can use the generic implementation ([`generic`]), made of
+//!   Burn tensor ops per chunk;
+//! - `NdArray` overrides it with a host implementation ([`cpu`]): the chunk
+//!   projections through `matrixmultiply`'s GEMM (as NdArray's own matmul),
+//!   the softmax with a vectorised polynomial `exp` ([`math`]), buffers
+//!   allocated once per call, tokens whose target is ignored skipped;
+//! - `Autodiff<B>` records it as one op whose backward calls
+//!   [`FusedCrossEntropyBackend::fused_linear_cross_entropy_backward`],
+//!   saving only its inputs (never logits);
+//! - `Mics<B>` gathers a sharded weight (the tied embedding) for the inner
+//!   op, through `mics_backend::extension`;
+//! - with the cargo feature `wgpu` or `cuda`, Burn's cubecl backends
+//!   (`CubeBackend<R, F, I, BT>` and `Fusion<B>`, the types behind
+//!   `burn::backend::Wgpu` and `Cuda`) use the generic implementation.
+//!
+//! ```
+//! use burn::backend::{Autodiff, NdArray};
+//! use burn::tensor::{Int, Tensor};
+//! use mics_fused::{CrossEntropyOptions, IGNORE_INDEX, linear_cross_entropy};
+//!
+//! type B = Autodiff<NdArray>;
+//! let device = Default::default();
+//! let hidden = Tensor::<B, 2>::ones([3, 4], &device).require_grad();
+//! let weight = Tensor::<B, 2>::zeros([10, 4], &device).require_grad();
+//! let targets = Tensor::<B, 1, Int>::from_ints([1, IGNORE_INDEX, 7], &device);
+//! let options = CrossEntropyOptions::default().with_chunk_tokens(2);
+//! let loss = linear_cross_entropy(hidden.clone(), weight.clone(), targets, None, &options);
+//! // Two counted tokens, uniform logits: 2 ln 10.
+//! assert!((loss.clone().into_scalar() - 2.0 * 10f32.ln()).abs() < 1e-5);
+//! let grads = loss.backward();
+//! assert_eq!(weight.grad(&grads).unwrap().dims(), [10, 4]);
+//! ```
+#![warn(missing_docs)]
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+
+mod autodiff;
+pub mod cpu;
+#[cfg(feature = "cubecl")]
+mod cubecl;
+pub mod generic;
+pub mod math;
+mod mics;
+
+/// The target id of a token that does not count (PyTorch's `ignore_index`
+/// default, also what `mics-datasets` writes): it adds nothing to the loss
+/// nor to the gradients.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Options of [`linear_cross_entropy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrossEntropyOptions {
+    /// Tokens per chunk: the logits that exist at once are
+    /// `[chunk_tokens, V]` (51 MB at 256 tokens and `V = 50257` in `f32`).
+    /// Must be at least 1; a chunk larger than the token count is one chunk.
+    pub chunk_tokens: usize,
+}
+
+impl CrossEntropyOptions {
+    /// The default chunk: 256 tokens.
+    pub const DEFAULT_CHUNK_TOKENS: usize = 256;
+
+    /// Options with `chunk_tokens` tokens per chunk.
+    pub fn with_chunk_tokens(mut self, chunk_tokens: usize) -> Self {
+        self.chunk_tokens = chunk_tokens;
+        self
+    }
+}
+
+impl Default for CrossEntropyOptions {
+    fn default() -> Self {
+        CrossEntropyOptions {
+            chunk_tokens: Self::DEFAULT_CHUNK_TOKENS,
+        }
+    }
+}
+
+/// Backend extension: the fused LM-head projection, log-softmax and
+/// negative log-likelihood, and its gradients, computed chunk by chunk.
+///
+/// Shapes: `hidden` `[T, H]`, `weight` `[V, H]`, `targets` `[T]` (token ids
+/// in `0..V`, or [`IGNORE_INDEX`]), `token_weights` `[T]`. The loss is
+///
+/// ```text
+/// sum over t with targets[t] != IGNORE_INDEX of
+///     w_t * (logsumexp_v(hidden[t] · weight[v]) - hidden[t] · weight[targets[t]])
+/// ```
+///
+/// with `w_t = token_weights[t]` (1 without weights): a sum, not a mean
+/// (divide by the token count, or pass weights `1 / count`, for a mean).
+///
+/// The default methods are the generic implementation ([`generic`]); a
+/// backend overrides them with a faster one (as `NdArray` does, [`cpu`]).
+/// A decorator backend implements the trait by unwrapping its primitives
+/// and calling its inner backend's methods (`Autodiff<B>`, `Mics<B>`).
+pub trait FusedCrossEntropyBackend: Backend {
+    /// The loss (a 1-element tensor of `hidden`'s dtype), computing the
+    /// logits `chunk_tokens` tokens at a time.
+    fn fused_linear_cross_entropy(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        token_weights: Option<FloatTensor<Self>>,
+        chunk_tokens: usize,
+    ) -> FloatTensor<Self> {
+        generic::fused_linear_cross_entropy::<Self>(
+            hidden,
+            weight,
+            targets,
+            token_weights,
+            chunk_tokens,
+        )
+    }
+
+    /// The gradients of the loss with respect to `hidden` (`[T, H]`) and
+    /// `weight` (`[V, H]`), multiplied by `grad_output` (the upstream
+    /// gradient of the loss, a 1-element tensor), recomputing each chunk's
+    /// logits. Rows of ignored tokens are zero in the first.
+    fn fused_linear_cross_entropy_backward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        token_weights: Option<FloatTensor<Self>>,
+        chunk_tokens: usize,
+        grad_output: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        generic::fused_linear_cross_entropy_backward::<Self>(
+            hidden,
+            weight,
+            targets,
+            token_weights,
+            chunk_tokens,
+            grad_output,
+        )
+    }
+}
+
+/// The summed, optionally weighted cross-entropy of the logits
+/// `hidden · weightᵀ` against `targets`, without ever holding the whole
+/// `[T, V]` logits: see [`FusedCrossEntropyBackend`] for the formula.
+///
+/// `hidden`: `[T, H]`; `weight`: `[V, H]` (the layout of an embedding, or of
+/// a `Linear` without bias stored as `[out, in]`; pass `linear.weight.val()
+/// .transpose()` for Burn's `[in, out]` `Linear`); `targets`: `[T]` token
+/// ids, [`IGNORE_INDEX`] for tokens that do not count; `token_weights`:
+/// `[T]`, each token's factor. Returns a 1-element tensor: the sum over the
+/// counted tokens. On an autodiff backend, gradients flow to `hidden` and
+/// `weight` (not to `token_weights`, treated as constants).
+///
+/// # Panics
+///
+/// On mismatched shapes, or `options.chunk_tokens == 0`. A target outside
+/// `0..V` other than [`IGNORE_INDEX`] panics on `NdArray` and gives an
+/// unspecified result on other backends.
+pub fn linear_cross_entropy<B: FusedCrossEntropyBackend>(
+    hidden: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    token_weights: Option<Tensor<B, 1>>,
+    options: &CrossEntropyOptions,
+) -> Tensor<B, 1> {
+    let [t, h] = hidden.dims();
+    let [_, hw] = weight.dims();
+    assert_eq!(
+        h, hw,
+        "linear_cross_entropy: hidden is [{t}, {h}] but weight's rows have {hw} features (weight must be [V, H])"
+    );
+    assert_eq!(
+        targets.dims(),
+        [t],
+        "linear_cross_entropy: targets must be [T] = [{t}]"
+    );
+    if let Some(w) = &token_weights {
+        assert_eq!(
+            w.dims(),
+            [t],
+            "linear_cross_entropy: token_weights must be [T] = [{t}]"
+        );
+    }
+    assert!(
+        options.chunk_tokens > 0,
+        "linear_cross_entropy: chunk_tokens must be at least 1"
+    );
+    let out = B::fused_linear_cross_entropy(
+        hidden.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        targets.into_primitive(),
+        token_weights.map(|w| w.into_primitive().tensor()),
+        options.chunk_tokens,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
