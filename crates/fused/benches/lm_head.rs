@@ -16,7 +16,8 @@ use mics_fused::{CrossEntropyOptions, linear_cross_entropy};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-type B = Autodiff<NdArray>;
+// Plain: plain Burn, an autodiff backend under Burn's distributed autodiff too.
+type B = Autodiff<mics_plain::Plain<NdArray>>;
 
 const T: usize = 1024;
 const H: usize = 128;

@@ -22,7 +22,7 @@
 //!   [`FusedCrossEntropyBackend::fused_linear_cross_entropy_backward`],
 //!   saving only its inputs (never logits);
 //! - `Mics<B>` gathers a sharded weight (the tied embedding) for the inner
-//!   op, through `mics_backend::extension`;
+//!   op, through `mics_backend::extension`; `Plain<B>` is `B`;
 //! - with the cargo feature `wgpu` or `cuda`, Burn's cubecl backends
 //!   (`CubeBackend<R, F, I, BT>` and `Fusion<B>`, the types behind
 //!   `burn::backend::Wgpu` and `Cuda`) use the generic implementation.
@@ -31,8 +31,10 @@
 //! use burn::backend::{Autodiff, NdArray};
 //! use burn::tensor::{Int, Tensor};
 //! use mics_fused::{CrossEntropyOptions, IGNORE_INDEX, linear_cross_entropy};
+//! use mics_plain::Plain;
 //!
-//! type B = Autodiff<NdArray>;
+//! // Plain: an autodiff backend under Burn's distributed autodiff too.
+//! type B = Autodiff<Plain<NdArray>>;
 //! let device = Default::default();
 //! let hidden = Tensor::<B, 2>::ones([3, 4], &device).require_grad();
 //! let weight = Tensor::<B, 2>::zeros([10, 4], &device).require_grad();
@@ -57,6 +59,7 @@ mod cubecl;
 pub mod generic;
 pub mod math;
 mod mics;
+mod plain;
 
 /// The target id of a token that does not count (PyTorch's `ignore_index`
 /// default, also what `mics-datasets` writes): it adds nothing to the loss

@@ -4,7 +4,8 @@
 //! much smaller than `T`. One test only: the counter is process-wide.
 
 /// The autodiff backend of the fused op (and of the unfused comparison).
-type Ref = Autodiff<NdArray>;
+// Plain: plain Burn, an autodiff backend under Burn's distributed autodiff too.
+type Ref = Autodiff<mics_plain::Plain<NdArray>>;
 
 mod common;
 

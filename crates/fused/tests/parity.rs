@@ -4,7 +4,8 @@
 
 /// The autodiff reference backend (and the autodiff backend the fused op
 /// is checked on).
-type Ref = Autodiff<NdArray>;
+// Plain: plain Burn, an autodiff backend under Burn's distributed autodiff too.
+type Ref = Autodiff<mics_plain::Plain<NdArray>>;
 
 mod common;
 

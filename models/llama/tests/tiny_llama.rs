@@ -7,11 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, NdArray};
-use mics_plain::Plain;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use mics_hub::{Checkpoint, CheckpointWriter, FloatDType, HubError, assets::asset_dir};
 use mics_llama::{GenerateOptions, LlamaConfig, LlamaForCausalLM, SaveOptions};
+use mics_plain::Plain;
 use serde_json::{Value, json};
 
 type B = NdArray<f32>;
