@@ -31,7 +31,7 @@ use burn::tensor::backend::distributed::{
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorMetadata};
 
-use crate::gather::{local, primitive_to_vec, release_gathered};
+use crate::gather::{local, release_gathered};
 use crate::reduce::GradKey;
 use crate::runtime::MicsRuntime;
 use crate::{Mics, MicsTensor};
@@ -86,7 +86,7 @@ impl<B: Backend> DistributedBackend for Mics<B> {
         let dtype = slot.dtype().into();
         let placeholder = MicsTensor::Local(B::float_empty([0].into(), &device, dtype));
         let grad = std::mem::replace(slot, placeholder);
-        let full = primitive_to_vec::<B>(local(grad));
+        let full = crate::staging::download::<B>(&runtime.counters, local(grad));
         release_gathered();
         runtime.grads.push(&runtime, id, full, false, true);
     }

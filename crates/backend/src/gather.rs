@@ -6,11 +6,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Tensor, TensorPrimitive};
 use mics_comm::{CommError, Fingerprint, Sharding, Work};
 
 use crate::prefetch::GatherSource;
 use crate::runtime::MicsRuntime;
+use crate::staging;
 use crate::tensor::{MicsTensor, ShardedParam, ShardedTensor};
 
 thread_local! {
@@ -51,13 +52,18 @@ fn gather<B: Backend>(tensor: ShardedTensor<B>) -> B::FloatTensorPrimitive {
             .fetch_add(param.wire_bytes(), Ordering::Relaxed);
         let dtype = param.runtime.precision().gather;
         let full = if dtype == mics_comm::DType::F32 {
-            B::float_reshape(param.shard.clone(), param.shape.clone())
+            let full = B::float_reshape(param.shard.clone(), param.shape.clone());
+            if param.dtype == crate::tensor::MASTER {
+                full
+            } else {
+                B::float_cast(full, param.dtype.into())
+            }
         } else {
             // Compute sees the weights rounded as a gather would round them.
-            let values =
-                crate::precision::rounded(dtype, primitive_to_vec::<B>(param.shard.clone()));
-            let data = TensorData::new(values, param.shape.clone()).convert_dtype(param.dtype);
-            B::float_from_data(data, &B::float_device(&param.shard))
+            let shard = staging::download::<B>(counters, param.shard.clone());
+            let values = crate::precision::rounded(dtype, shard);
+            let device = B::float_device(&param.shard);
+            staging::upload::<B>(counters, values, param.shape.clone(), param.dtype, &device)
         };
         return tensor.views.iter().fold(full, |t, view| view.apply::<B>(t));
     }
@@ -86,8 +92,8 @@ fn gather<B: Backend>(tensor: ShardedTensor<B>) -> B::FloatTensorPrimitive {
     runtime.prefetcher.after_use(&runtime.counters);
     HELD.with(|held| held.borrow_mut().push((runtime, bytes)));
     let device = B::float_device(&param.shard);
-    let data = TensorData::new(full, param.shape.clone()).convert_dtype(param.dtype);
-    let mut out = B::float_from_data(data, &device);
+    let counters = &param.runtime.counters;
+    let mut out = staging::upload::<B>(counters, full, param.shape.clone(), param.dtype, &device);
     for view in &tensor.views {
         out = view.apply::<B>(out);
     }
@@ -109,7 +115,7 @@ pub(crate) fn start_gather<B: Backend>(
     counters
         .bytes_gathered_wire
         .fetch_add(param.wire_bytes(), Ordering::Relaxed);
-    let shard = primitive_to_vec::<B>(param.shard.clone());
+    let shard = staging::download::<B>(counters, param.shard.clone());
     let numel = param.sharding.numel();
     let runtime = &param.runtime;
     let tag = Fingerprint::of_pieces([param.fingerprint_words()]);
@@ -139,7 +145,7 @@ impl<B: Backend> GatherSource for ShardedParam<B> {
     }
 
     fn host_shard(&self) -> Vec<f32> {
-        primitive_to_vec::<B>(self.shard.clone())
+        staging::download::<B>(&self.runtime.counters, self.shard.clone())
     }
 
     fn uid(&self) -> u64 {
@@ -270,8 +276,11 @@ pub(crate) fn local_exact<B: Backend>(tensor: MicsTensor<B>) -> B::FloatTensorPr
         MicsTensor::Sharded(s) => s,
     };
     let param = &sharded.param;
+    let counters = &param.runtime.counters;
     let full = if param.sharding.parts() == 1 {
-        primitive_to_vec::<B>(param.shard.clone())[..param.sharding.numel()].to_vec()
+        let mut shard = staging::download::<B>(counters, param.shard.clone());
+        shard.truncate(param.sharding.numel());
+        shard
     } else {
         start_gather(param, mics_comm::DType::F32)
             .wait()
@@ -286,7 +295,6 @@ pub(crate) fn local_exact<B: Backend>(tensor: MicsTensor<B>) -> B::FloatTensorPr
             })
     };
     let device = B::float_device(&param.shard);
-    let data = TensorData::new(full, param.shape.clone()).convert_dtype(param.dtype);
-    let out = B::float_from_data(data, &device);
+    let out = staging::upload::<B>(counters, full, param.shape.clone(), param.dtype, &device);
     sharded.views.iter().fold(out, |t, view| view.apply::<B>(t))
 }

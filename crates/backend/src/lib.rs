@@ -159,6 +159,7 @@ mod random;
 mod reduce;
 mod runtime;
 mod shard;
+mod staging;
 mod state;
 mod tensor;
 

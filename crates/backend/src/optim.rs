@@ -26,12 +26,12 @@ use std::sync::Arc;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamW, AdamWConfig, LearningRate, Sgd, SgdConfig, SimpleOptimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Tensor, TensorPrimitive};
 use mics_comm::{Collectives, Fingerprint, ReduceOp, Work};
 
 use crate::precision;
 
-use crate::gather::{local, primitive_to_vec, release_gathered};
+use crate::gather::{local, release_gathered};
 use crate::reduce::{DEFAULT_BUCKET_BYTES, GradKey};
 use crate::shard::{param_tensor, sharded_value};
 use crate::tensor::ShardedTensor;
@@ -367,10 +367,15 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             let device = B::float_device(&shard);
             let len = grad.len();
             let tensor = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(shard));
-            let grad = Tensor::<B, 1>::from_data(
-                TensorData::new(grad, [len]).convert_dtype(sharded.param.dtype),
+            let counters = &self.runtime.counters;
+            let grad = crate::staging::upload::<B>(
+                counters,
+                grad,
+                [len].into(),
+                crate::tensor::MASTER,
                 &device,
             );
+            let grad = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(grad));
             let state = self.states.remove(&id);
             let (tensor, state) = self.optim.step(lr, tensor, grad, state);
             if let Some(state) = state {
@@ -572,7 +577,8 @@ where
             return; // Not used in this backward pass: no zeros are packed.
         };
         let slot = sharded_of::<B, AB, D>(tensor).param.slot;
-        let full = primitive_to_vec::<B>(local(grad.into_primitive().tensor()));
+        let grad = local(grad.into_primitive().tensor());
+        let full = crate::staging::download::<B>(&self.runtime.counters, grad);
         release_gathered();
         let key = GradKey { id: param.id, slot };
         self.full.push((key, full));

@@ -42,6 +42,17 @@ pub struct Counters {
     pub peak_live_gathered_bytes: u64,
     /// Bytes of parameter shards this rank holds (padding included).
     pub shard_bytes: u64,
+    /// Copies from the inner backend's memory into host buffers for a
+    /// collective (a shard to gather, a gradient to reduce): one per
+    /// collective input, none for a partition group of one in f32.
+    pub host_downloads: u64,
+    /// Bytes of those copies.
+    pub host_download_bytes: u64,
+    /// Copies of a collective's host result into the inner backend's memory
+    /// (a gathered parameter, a reduced gradient shard): one per result.
+    pub host_uploads: u64,
+    /// Bytes of those copies.
+    pub host_upload_bytes: u64,
     /// Bytes of complete full (unsharded) gradients held right now, waiting
     /// for or in their partition reduce-scatter: from the moment a
     /// parameter's gradient is complete until this rank has seen its
@@ -68,6 +79,10 @@ pub(crate) struct AtomicCounters {
     pub live: AtomicU64,
     pub peak_live: AtomicU64,
     pub shard_bytes: AtomicU64,
+    pub host_downloads: AtomicU64,
+    pub host_download_bytes: AtomicU64,
+    pub host_uploads: AtomicU64,
+    pub host_upload_bytes: AtomicU64,
     pub live_grad: AtomicU64,
     pub peak_live_grad: AtomicU64,
 }
@@ -200,6 +215,10 @@ impl MicsRuntime {
             live_gathered_bytes: c.live.load(Ordering::Relaxed),
             peak_live_gathered_bytes: c.peak_live.load(Ordering::Relaxed),
             shard_bytes: c.shard_bytes.load(Ordering::Relaxed),
+            host_downloads: c.host_downloads.load(Ordering::Relaxed),
+            host_download_bytes: c.host_download_bytes.load(Ordering::Relaxed),
+            host_uploads: c.host_uploads.load(Ordering::Relaxed),
+            host_upload_bytes: c.host_upload_bytes.load(Ordering::Relaxed),
             live_grad_bytes: c.live_grad.load(Ordering::Relaxed),
             peak_live_grad_bytes: c.peak_live_grad.load(Ordering::Relaxed),
         }

@@ -11,7 +11,7 @@ use mics_comm::{Collectives, Sharding};
 use crate::gather::{local, local_exact, primitive_to_vec};
 use crate::prefetch::GatherSource;
 use crate::runtime::MicsRuntime;
-use crate::tensor::{ShardedParam, ShardedTensor};
+use crate::tensor::{MASTER, ShardedParam, ShardedTensor};
 use crate::{Mics, MicsTensor};
 
 /// Where the values of the parameters come from when sharding.
@@ -163,7 +163,7 @@ where
             let shard = sharding.shard_of(&full, group.rank());
             let len = shard.len();
             let shard =
-                B::float_from_data(TensorData::new(shard, [len]).convert_dtype(dtype), &device);
+                B::float_from_data(TensorData::new(shard, [len]).convert_dtype(MASTER), &device);
             let slot = (self.runtime.claim_slot(), 0);
             let param = ShardedParam::new(id, slot, shard, shape, dtype, self.runtime.clone());
             MicsTensor::Sharded(ShardedTensor::new(register(param)))

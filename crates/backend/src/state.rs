@@ -164,7 +164,7 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
                 optim_states.insert(id, optim);
             }
             let shard = Tensor::<B, 1>::from_data(
-                TensorData::new(state.shard, [len]).convert_dtype(param.dtype),
+                TensorData::new(state.shard, [len]).convert_dtype(crate::tensor::MASTER),
                 &device,
             )
             .into_primitive()

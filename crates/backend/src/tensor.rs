@@ -30,6 +30,10 @@ pub(crate) enum View {
     Slice(Vec<Slice>),
 }
 
+/// The dtype of every shard: f32 master copies, whatever the dtype compute
+/// uses (a bf16 model keeps f32 shards and f32 optimizer moments).
+pub(crate) const MASTER: DType = DType::F32;
+
 /// Unique identities of shard values in this process (see [`ShardedParam::uid`]).
 static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 
@@ -55,6 +59,9 @@ pub struct ShardedParam<B: Backend> {
     pub(crate) shard: B::FloatTensorPrimitive,
     /// The parameter's full shape.
     pub(crate) shape: Shape,
+    /// The dtype compute sees: the parameter's own, what a gather produces.
+    /// The shard itself is always f32 ([`MASTER`]), the master copy the
+    /// optimizer steps.
     pub(crate) dtype: DType,
     pub(crate) sharding: Sharding,
     pub(crate) runtime: Arc<MicsRuntime>,
@@ -71,7 +78,7 @@ impl<B: Backend> ShardedParam<B> {
     ) -> Self {
         let sharding = Sharding::new(shape.num_elements(), runtime.partition_size());
         debug_assert_eq!(shard.shape().num_elements(), sharding.shard_len());
-        let bytes = (sharding.shard_len() * dtype.size()) as u64;
+        let bytes = (sharding.shard_len() * MASTER.size()) as u64;
         runtime
             .counters
             .shard_bytes
@@ -108,7 +115,7 @@ impl<B: Backend> ShardedParam<B> {
 
 impl<B: Backend> Drop for ShardedParam<B> {
     fn drop(&mut self) {
-        let bytes = (self.sharding.shard_len() * self.dtype.size()) as u64;
+        let bytes = (self.sharding.shard_len() * MASTER.size()) as u64;
         self.runtime
             .counters
             .shard_bytes

@@ -89,3 +89,42 @@ fn gradients_of_embeddings_and_convolutions_gather_nothing() {
         );
     }
 }
+
+/// Host staging: every gather copies the shard to the host once and the
+/// gathered value back once; every gradient goes to the host once to be
+/// reduced and comes back once (its shard) for the optimizer. A partition
+/// group of one gathers nothing, so in f32 it copies nothing to gather.
+#[test]
+fn every_collective_stages_through_the_host_once_each_way() {
+    use common::tasks::GptTask;
+    const PARAMS: u64 = common::tasks::GPT_PARAMS as u64;
+    for (p, prefetch) in [
+        (1, PrefetchConfig::disabled()),
+        (4, PrefetchConfig::disabled()),
+        (4, PrefetchConfig::new(4, 1 << 20)),
+    ] {
+        let c = Config {
+            n: 4,
+            k: 4,
+            p,
+            s: 2,
+            b: 2,
+            steps: 3,
+        };
+        let ranks = distributed(&GptTask, c, None, prefetch);
+        for rank in &ranks {
+            let k = rank.counters;
+            // One download per gradient per micro-step, one upload per
+            // parameter per optimizer step.
+            let grads_down = PARAMS * (c.s * c.steps) as u64;
+            let grads_up = PARAMS * c.steps as u64;
+            let gathers = if p == 1 { 0 } else { k.gathers };
+            assert_eq!(k.host_downloads, gathers + grads_down, "p = {p}: {k:?}");
+            assert_eq!(k.host_uploads, gathers + grads_up, "p = {p}: {k:?}");
+            if p == 1 {
+                assert!(k.gathers > 0);
+                assert_eq!(k.bytes_gathered_wire, k.bytes_gathered);
+            }
+        }
+    }
+}

@@ -288,13 +288,18 @@ impl<B: Backend> BertLmHead<B> {
         }
     }
 
+    /// The transform (dense, activation, layer norm) of `[batch, seq, hidden]`
+    /// hidden states: what the decoder projects.
+    pub fn transform(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.layer_norm
+            .forward(self.activation.apply(dense(&self.dense, hidden)))
+    }
+
     /// `[batch, seq, hidden]` hidden states to `[batch, seq, vocab]` logits, the
     /// decoder being `word_embeddings` (`[vocab, hidden]`).
     pub fn forward(&self, hidden: Tensor<B, 3>, word_embeddings: Tensor<B, 2>) -> Tensor<B, 3> {
         let [batch, seq, d] = hidden.dims();
-        let h = self
-            .layer_norm
-            .forward(self.activation.apply(dense(&self.dense, hidden)));
+        let h = self.transform(hidden);
         let vocab = word_embeddings.dims()[0];
         let logits = h
             .reshape([batch * seq, d])
@@ -328,6 +333,30 @@ impl<B: Backend> BertForMaskedLM<B> {
     pub fn with_dropout(mut self, p: f64) -> Self {
         self.bert = self.bert.with_dropout(p);
         self
+    }
+
+    /// What the decoder projects: the head's transform of the encoder's
+    /// last hidden states, `[batch, seq, hidden]`. With
+    /// [`lm_head_weight`](Self::lm_head_weight) and
+    /// [`lm_head_bias`](Self::lm_head_bias), what a fused head + loss needs
+    /// instead of the full logits.
+    pub fn forward_hidden(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        let out = self.bert.forward(input_ids, attention_mask, None);
+        self.head.transform(out.last_hidden_state)
+    }
+
+    /// The decoder's weight, `[vocab, hidden]`: the word embeddings, tied.
+    pub fn lm_head_weight(&self) -> Tensor<B, 2> {
+        self.bert.embeddings.word_embeddings.weight.val()
+    }
+
+    /// The decoder's bias, `[vocab]` (`cls.predictions.bias`).
+    pub fn lm_head_bias(&self) -> Tensor<B, 1> {
+        self.head.bias.val()
     }
 
     /// Masked-LM logits `[batch, seq, vocab]`.

@@ -215,11 +215,23 @@ impl<B: Backend> Gpt2LMHeadModel<B> {
         self
     }
 
+    /// The hidden states the LM head projects: `[batch, seq, n_embd]`, after
+    /// `ln_f`. With [`lm_head_weight`](Self::lm_head_weight), what a fused
+    /// head + loss needs instead of the full logits.
+    pub fn forward_hidden(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.transformer.forward(input_ids)
+    }
+
+    /// The LM head's weight, `[vocab_size, n_embd]`: `wte`, tied.
+    pub fn lm_head_weight(&self) -> Tensor<B, 2> {
+        self.transformer.wte.weight.val()
+    }
+
     /// Next-token logits `[batch, seq, vocab_size]` of `[batch, seq]` ids.
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let hidden = self.transformer.forward(input_ids);
+        let hidden = self.forward_hidden(input_ids);
         let [batch, seq, d] = hidden.dims();
-        let wte = self.transformer.wte.weight.val();
+        let wte = self.lm_head_weight();
         let vocab = wte.dims()[0];
         hidden
             .reshape([batch * seq, d])
