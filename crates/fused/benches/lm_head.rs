@@ -55,6 +55,7 @@ fn step(inputs: &Inputs, chunk: Option<usize>) -> (f32, f32) {
         Some(chunk) => linear_cross_entropy(
             hidden.clone(),
             weight.clone(),
+            None,
             targets,
             None,
             &CrossEntropyOptions::default().with_chunk_tokens(chunk),

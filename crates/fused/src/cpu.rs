@@ -4,19 +4,24 @@
 //! whose weight is 0 are skipped, not masked): the chunk's hidden rows are
 //! copied into a contiguous buffer, one GEMM (`matrixmultiply`'s `sgemm`
 //! through `ndarray`, as NdArray's matmul) writes the `[chunk, V]` logits,
-//! and each row's maximum, `sum exp(x - max)` and target logit give the loss
-//! ([`math`]'s vectorised `exp`, rows in parallel). The backward pass
-//! recomputes the logits, turns each row into `w_t g (softmax - onehot)` in
-//! place, and two more GEMMs give the chunk's rows of `d hidden` and add the
-//! chunk's share of `d weight`. The buffers are allocated once per call.
+//! the bias (if any) is added to each row, and each row's maximum,
+//! `sum exp(x - max)` and target logit give the loss ([`math`]'s vectorised
+//! `exp`, rows in parallel). The backward pass recomputes the logits, turns
+//! each row into `w_t g (softmax - onehot)` in place, two more GEMMs give the
+//! chunk's rows of `d hidden` and add the chunk's share of `d weight`, and
+//! the rows are added into `d bias`. The buffers are allocated once per call
+//! (plus a copy of the bias when it is not contiguous).
 //!
 //! Deterministic: `matrixmultiply` splits the output among its threads (each
 //! element is summed in the same order whatever the thread count), each row
-//! is processed by one thread with lane-wise reductions ([`math`]), and the
-//! per-token losses are summed in token order.
+//! is processed by one thread with lane-wise reductions ([`math`]), the
+//! per-token losses are summed in token order, and each element of `d bias`
+//! is summed by one thread, over the tokens in order.
 //!
 //! Tensors of another dtype than `f32` go to the [`generic`]
 //! implementation.
+
+use std::borrow::Cow;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Int, Tensor, TensorPrimitive};
@@ -24,7 +29,7 @@ use burn_ndarray::{
     FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray,
 };
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Ix1, Ix2};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Ix1, Ix2};
 use rayon::prelude::*;
 
 use crate::{FusedCrossEntropyBackend, IGNORE_INDEX, generic, math};
@@ -67,7 +72,21 @@ fn counted(targets: &[i64], weights: Option<ArrayView1<'_, f32>>, vocab: usize) 
         .collect()
 }
 
-fn check_shapes(hidden: &ArrayView2<'_, f32>, weight: &ArrayView2<'_, f32>, targets: &[i64]) {
+fn check_shapes(
+    hidden: &ArrayView2<'_, f32>,
+    weight: &ArrayView2<'_, f32>,
+    bias: Option<&ArrayView1<'_, f32>>,
+    targets: &[i64],
+) {
+    if let Some(b) = bias {
+        assert_eq!(
+            b.len(),
+            weight.nrows(),
+            "bias has {} elements but weight is {:?} (bias must be [V])",
+            b.len(),
+            weight.dim()
+        );
+    }
     assert_eq!(
         hidden.ncols(),
         weight.ncols(),
@@ -94,6 +113,32 @@ fn gather_rows(hidden: &ArrayView2<'_, f32>, tokens: &[Token], buf: &mut [f32]) 
     }
 }
 
+/// The bias as a contiguous slice: borrowed, or copied if strided.
+fn bias_slice<'a>(bias: Option<ArrayView1<'a, f32>>) -> Option<Cow<'a, [f32]>> {
+    bias.map(|b| match b.to_slice() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(b.to_vec()),
+    })
+}
+
+/// Columns of `d bias` per task when summing a chunk's rows into it.
+const BIAS_BLOCK: usize = 1024;
+
+/// `out[v] += sum over the rows r of g[r, v]` (`g`: `[n, V]` row-major, `out`:
+/// `[V]`), each element summed over the rows in order, blocks of columns in
+/// parallel.
+fn add_rows(g: &[f32], out: &mut [f32]) {
+    let v = out.len();
+    out.par_chunks_mut(BIAS_BLOCK)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let start = i * BIAS_BLOCK;
+            for row in g.chunks_exact(v) {
+                math::add_in_place(out, &row[start..start + out.len()]);
+            }
+        });
+}
+
 /// The logits of a chunk: `out[..n·V] = hidden rows · weightᵀ`.
 fn chunk_logits(hrows: &ArrayView2<'_, f32>, weight: &ArrayView2<'_, f32>, out: &mut [f32]) {
     let (n, v) = (hrows.nrows(), weight.nrows());
@@ -101,11 +146,12 @@ fn chunk_logits(hrows: &ArrayView2<'_, f32>, weight: &ArrayView2<'_, f32>, out: 
     general_mat_mul(1.0, hrows, &weight.t(), 0.0, &mut logits);
 }
 
-/// The loss: `sum_t w_t (logsumexp(h_t · Wᵀ) - h_t · W[target_t])` over the
-/// counted tokens, `chunk_tokens` tokens at a time.
+/// The loss: `sum_t w_t (logsumexp(z_t) - z_t[target_t])` with the logits
+/// `z_t = h_t · Wᵀ + b`, over the counted tokens, `chunk_tokens` tokens at a
+/// time.
 ///
-/// `hidden`: `[T, H]`; `weight`: `[V, H]`; `targets`: `T` ids in `0..V` or
-/// [`IGNORE_INDEX`]; `token_weights`: `[T]`. Any strides.
+/// `hidden`: `[T, H]`; `weight`: `[V, H]`; `bias`: `[V]`; `targets`: `T` ids
+/// in `0..V` or [`IGNORE_INDEX`]; `token_weights`: `[T]`. Any strides.
 ///
 /// # Panics
 ///
@@ -114,18 +160,21 @@ fn chunk_logits(hrows: &ArrayView2<'_, f32>, weight: &ArrayView2<'_, f32>, out: 
 pub fn forward(
     hidden: ArrayView2<'_, f32>,
     weight: ArrayView2<'_, f32>,
+    bias: Option<ArrayView1<'_, f32>>,
     targets: &[i64],
     token_weights: Option<ArrayView1<'_, f32>>,
     chunk_tokens: usize,
 ) -> f32 {
     assert!(chunk_tokens > 0, "chunk_tokens must be at least 1");
-    check_shapes(&hidden, &weight, targets);
+    check_shapes(&hidden, &weight, bias.as_ref(), targets);
     let (h, v) = (hidden.ncols(), weight.nrows());
     let tokens = counted(targets, token_weights, v);
     let chunk = chunk_tokens.min(tokens.len());
     if chunk == 0 {
         return 0.0;
     }
+    let bias = bias_slice(bias);
+    let bias = bias.as_deref();
     let mut hbuf = vec![0.0_f32; chunk * h];
     let mut logits = vec![0.0_f32; chunk * v];
     let mut nll = vec![0.0_f64; chunk];
@@ -136,10 +185,13 @@ pub fn forward(
         let hrows = ArrayView2::from_shape((n, h), &hbuf[..n * h]).expect("chunk buffer");
         chunk_logits(&hrows, &weight, &mut logits);
         logits[..n * v]
-            .par_chunks(v)
+            .par_chunks_mut(v)
             .zip(block.par_iter())
             .zip(nll[..n].par_iter_mut())
             .for_each(|((row, token), out)| {
+                if let Some(b) = bias {
+                    math::add_in_place(row, b);
+                }
                 let max = math::max(row);
                 let sum = math::sum_exp_shifted(row, max);
                 *out = (max as f64 - row[token.target] as f64) + (sum as f64).ln();
@@ -151,9 +203,10 @@ pub fn forward(
     total as f32
 }
 
-/// The gradients `(d hidden [T, H], d weight [V, H])` of [`forward`]'s loss,
-/// times `grad_output`, recomputing each chunk's logits. Rows of tokens that
-/// do not count are zero in `d hidden`.
+/// The gradients `(d hidden [T, H], d weight [V, H], d bias [V])` of
+/// [`forward`]'s loss, times `grad_output`, recomputing each chunk's logits;
+/// `d bias` is `Some` exactly when `bias` is. Rows of tokens that do not
+/// count are zero in `d hidden`.
 ///
 /// # Panics
 ///
@@ -161,21 +214,25 @@ pub fn forward(
 pub fn backward(
     hidden: ArrayView2<'_, f32>,
     weight: ArrayView2<'_, f32>,
+    bias: Option<ArrayView1<'_, f32>>,
     targets: &[i64],
     token_weights: Option<ArrayView1<'_, f32>>,
     chunk_tokens: usize,
     grad_output: f32,
-) -> (Array2<f32>, Array2<f32>) {
+) -> (Array2<f32>, Array2<f32>, Option<Array1<f32>>) {
     assert!(chunk_tokens > 0, "chunk_tokens must be at least 1");
-    check_shapes(&hidden, &weight, targets);
+    check_shapes(&hidden, &weight, bias.as_ref(), targets);
     let (t, h, v) = (hidden.nrows(), hidden.ncols(), weight.nrows());
     let tokens = counted(targets, token_weights, v);
     let mut grad_hidden = Array2::<f32>::zeros((t, h));
     let mut grad_weight = Array2::<f32>::zeros((v, h));
+    let mut grad_bias = bias.as_ref().map(|_| Array1::<f32>::zeros(v));
     let chunk = chunk_tokens.min(tokens.len());
     if chunk == 0 {
-        return (grad_hidden, grad_weight);
+        return (grad_hidden, grad_weight, grad_bias);
     }
+    let bias = bias_slice(bias);
+    let bias = bias.as_deref();
     let mut hbuf = vec![0.0_f32; chunk * h];
     let mut logits = vec![0.0_f32; chunk * v];
     let mut dh = Array2::<f32>::zeros((chunk, h));
@@ -189,6 +246,9 @@ pub fn backward(
             .par_chunks_mut(v)
             .zip(block.par_iter())
             .for_each(|(row, token)| {
+                if let Some(b) = bias {
+                    math::add_in_place(row, b);
+                }
                 let max = math::max(row);
                 math::exp_shifted_in_place(row, max);
                 let sum = math::sum(row);
@@ -204,8 +264,11 @@ pub fn backward(
         }
         let beta = if i == 0 { 0.0 } else { 1.0 };
         general_mat_mul(1.0, &g.t(), &hrows, beta, &mut grad_weight);
+        if let Some(gb) = &mut grad_bias {
+            add_rows(&logits[..n * v], gb.as_slice_mut().expect("contiguous"));
+        }
     }
-    (grad_hidden, grad_weight)
+    (grad_hidden, grad_weight, grad_bias)
 }
 
 fn view2(t: &NdArrayTensor) -> Option<ArrayView2<'_, f32>> {
@@ -258,7 +321,7 @@ where
     values[0]
 }
 
-fn tensor(array: Array2<f32>) -> NdArrayTensor {
+fn tensor<D: ndarray::Dimension>(array: ndarray::Array<f32, D>) -> NdArrayTensor {
     array.into_shared().into_dyn().into()
 }
 
@@ -274,20 +337,24 @@ where
     fn fused_linear_cross_entropy(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
         targets: IntTensor<Self>,
         token_weights: Option<FloatTensor<Self>>,
         chunk_tokens: usize,
     ) -> FloatTensor<Self> {
+        let b = bias.as_ref().map(view1);
         let weights = token_weights.as_ref().map(view1);
-        if let (Some(h), Some(w), None | Some(Some(_))) = (view2(&hidden), view2(&weight), weights)
+        if let (Some(h), Some(w), None | Some(Some(_)), None | Some(Some(_))) =
+            (view2(&hidden), view2(&weight), b, weights)
         {
             let targets = host_targets::<E, I, Q>(targets);
-            let loss = forward(h, w, &targets, weights.flatten(), chunk_tokens);
+            let loss = forward(h, w, b.flatten(), &targets, weights.flatten(), chunk_tokens);
             return SharedArray::<f32>::from_elem(ndarray::IxDyn(&[1]), loss).into();
         }
         generic::fused_linear_cross_entropy::<Self>(
             hidden,
             weight,
+            bias,
             targets,
             token_weights,
             chunk_tokens,
@@ -297,22 +364,38 @@ where
     fn fused_linear_cross_entropy_backward(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
         targets: IntTensor<Self>,
         token_weights: Option<FloatTensor<Self>>,
         chunk_tokens: usize,
         grad_output: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+    ) {
+        let b = bias.as_ref().map(view1);
         let weights = token_weights.as_ref().map(view1);
-        if let (Some(h), Some(w), None | Some(Some(_))) = (view2(&hidden), view2(&weight), weights)
+        if let (Some(h), Some(w), None | Some(Some(_)), None | Some(Some(_))) =
+            (view2(&hidden), view2(&weight), b, weights)
         {
             let targets = host_targets::<E, I, Q>(targets);
             let grad = host_scalar::<E, I, Q>(grad_output);
-            let (gh, gw) = backward(h, w, &targets, weights.flatten(), chunk_tokens, grad);
-            return (tensor(gh), tensor(gw));
+            let (gh, gw, gb) = backward(
+                h,
+                w,
+                b.flatten(),
+                &targets,
+                weights.flatten(),
+                chunk_tokens,
+                grad,
+            );
+            return (tensor(gh), tensor(gw), gb.map(tensor));
         }
         generic::fused_linear_cross_entropy_backward::<Self>(
             hidden,
             weight,
+            bias,
             targets,
             token_weights,
             chunk_tokens,

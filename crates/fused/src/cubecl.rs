@@ -1,5 +1,11 @@
-//! Burn's cubecl backends (`Wgpu`, `Cuda`): the generic implementation, for
-//! `CubeBackend<R, F, I, BT>` and for `Fusion<B>` over it.
+//! Burn's cubecl backends (behind `burn::backend::Wgpu`, `Cuda`, ...): the
+//! generic implementation, for `CubeBackend<R, F, I, BT>` over any runtime
+//! `R` and for `Fusion<B>` over any fusion backend.
+//!
+//! The `cubecl` feature names no runtime and turns on none of burn-cubecl's
+//! defaults (fusion, autotune): the crate that picks the backend enables
+//! them, or not (the trainer runs wgpu as `CubeBackend<WgpuRuntime, f32,
+//! i32, u32>`, without fusion, autotune off).
 
 use burn::tensor::backend::DeviceOps;
 use burn_cubecl::cubecl::server::ComputeServer;
@@ -21,22 +27,39 @@ where
 
 impl<B: FusionBackend> FusedCrossEntropyBackend for Fusion<B> {}
 
-/// The backends behind the features implement the trait, with autodiff.
+/// Compile-time checks: the backends built from these, and their decorators,
+/// implement the trait, whatever the runtime (no runtime is compiled in).
 #[allow(dead_code)]
-fn implemented<B: FusedCrossEntropyBackend>() {}
+mod checks {
+    use burn_autodiff::Autodiff;
+    use mics_backend::Mics;
+    use mics_plain::Plain;
 
-#[allow(dead_code)]
-fn backends() {
-    #[cfg(feature = "wgpu")]
+    use super::*;
+
+    fn implemented<B: FusedCrossEntropyBackend>() {}
+
+    /// The trainer's wgpu backend (`burn_wgpu::CubeBackend<WgpuRuntime,
+    /// f32, i32, u32>`, also `burn::backend::Wgpu` without fusion) is the
+    /// first with `R = WgpuRuntime`; `burn::backend::Cuda` without fusion is
+    /// the second with `R = CudaRuntime`.
+    fn cube<R>()
+    where
+        R: CubeRuntime,
+        R::Server: ComputeServer,
+        R::Device: DeviceOps,
     {
-        implemented::<burn::backend::Wgpu>();
-        implemented::<burn_autodiff::Autodiff<burn::backend::Wgpu>>();
-        implemented::<mics_backend::Mics<burn::backend::Wgpu>>();
+        implemented::<CubeBackend<R, f32, i32, u32>>();
+        implemented::<CubeBackend<R, f32, i32, u8>>();
+        implemented::<Autodiff<CubeBackend<R, f32, i32, u32>>>();
+        implemented::<Mics<CubeBackend<R, f32, i32, u32>>>();
+        implemented::<Autodiff<Mics<CubeBackend<R, f32, i32, u32>>>>();
+        implemented::<Autodiff<Plain<CubeBackend<R, f32, i32, u32>>>>();
     }
-    #[cfg(feature = "cuda")]
-    {
-        implemented::<burn::backend::Cuda>();
-        implemented::<burn_autodiff::Autodiff<burn::backend::Cuda>>();
-        implemented::<mics_backend::Mics<burn::backend::Cuda>>();
+
+    fn fusion<B: FusionBackend>() {
+        implemented::<Fusion<B>>();
+        implemented::<Autodiff<Fusion<B>>>();
+        implemented::<Autodiff<Mics<Fusion<B>>>>();
     }
 }

@@ -2,11 +2,12 @@
 //! time. Works on every backend; the trait's default methods call it, and
 //! it is public so that tests can run it on any backend.
 //!
-//! Per chunk: the `[chunk, V]` logits by one matmul, their maximum, the
-//! max-subtracted exponentials and log-sum-exp, the target logits by a
-//! gather; ignored tokens are masked by a zero weight. The backward pass
-//! recomputes the chunk's logits, forms `w_t g (softmax - onehot)` and
-//! multiplies it into the chunk's rows of `d hidden` and into `d weight`.
+//! Per chunk: the `[chunk, V]` logits by one matmul (plus the bias, broadcast
+//! over the rows), their maximum, the max-subtracted exponentials and
+//! log-sum-exp, the target logits by a gather; ignored tokens are masked by a
+//! zero weight. The backward pass recomputes the chunk's logits, forms
+//! `w_t g (softmax - onehot)`, multiplies it into the chunk's rows of
+//! `d hidden` and into `d weight`, and adds its column sums to `d bias`.
 //! No host read-back, so nothing waits on the device.
 
 use burn::tensor::backend::Backend;
@@ -36,6 +37,24 @@ fn prepare<B: Backend>(
     (safe, weights)
 }
 
+/// The bias as a `[1, V]` row, in `dtype`.
+fn bias_row<B: Backend>(bias: Option<FloatTensor<B>>, dtype: DType) -> Option<Tensor<B, 2>> {
+    bias.map(|b| float::<B, 1>(b).cast(dtype).unsqueeze_dim::<2>(0))
+}
+
+/// A chunk's logits: `h · weightᵀ (+ bias)`.
+fn logits<B: Backend>(
+    h: Tensor<B, 2>,
+    weight_t: &Tensor<B, 2>,
+    bias: &Option<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    let logits = h.matmul(weight_t.clone());
+    match bias {
+        Some(b) => logits + b.clone(),
+        None => logits,
+    }
+}
+
 /// Chunks `[start, end)` of `0..tokens`.
 fn chunks(tokens: usize, chunk_tokens: usize) -> impl Iterator<Item = (usize, usize)> {
     assert!(chunk_tokens > 0, "chunk_tokens must be at least 1");
@@ -50,6 +69,7 @@ fn chunks(tokens: usize, chunk_tokens: usize) -> impl Iterator<Item = (usize, us
 pub fn fused_linear_cross_entropy<B: Backend>(
     hidden: FloatTensor<B>,
     weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
     targets: IntTensor<B>,
     token_weights: Option<FloatTensor<B>>,
     chunk_tokens: usize,
@@ -60,10 +80,11 @@ pub fn fused_linear_cross_entropy<B: Backend>(
     let device = hidden.device();
     let dtype = hidden.dtype();
     let (safe, weights) = prepare::<B>(targets, token_weights, dtype);
+    let bias = bias_row::<B>(bias, dtype);
     let weight_t = weight.transpose();
     let mut total = Tensor::<B, 1>::zeros([1], (&device, dtype));
     for (start, end) in chunks(tokens, chunk_tokens) {
-        let logits = hidden.clone().slice(start..end).matmul(weight_t.clone());
+        let logits = logits(hidden.clone().slice(start..end), &weight_t, &bias);
         let max = logits.clone().max_dim(1);
         let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
         let target = logits.gather(1, safe.clone().slice(start..end).unsqueeze_dim(1));
@@ -76,15 +97,17 @@ pub fn fused_linear_cross_entropy<B: Backend>(
 /// The gradients of
 /// [`fused_linear_cross_entropy_backward`](crate::FusedCrossEntropyBackend::fused_linear_cross_entropy_backward)
 /// with Burn tensor ops, on any backend:
-/// `(d hidden [T, H], d weight [V, H])`, times `grad_output`.
+/// `(d hidden [T, H], d weight [V, H], d bias [V])`, times `grad_output`;
+/// `d bias` is `Some` exactly when `bias` is.
 pub fn fused_linear_cross_entropy_backward<B: Backend>(
     hidden: FloatTensor<B>,
     weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
     targets: IntTensor<B>,
     token_weights: Option<FloatTensor<B>>,
     chunk_tokens: usize,
     grad_output: FloatTensor<B>,
-) -> (FloatTensor<B>, FloatTensor<B>) {
+) -> (FloatTensor<B>, FloatTensor<B>, Option<FloatTensor<B>>) {
     let hidden = float::<B, 2>(hidden);
     let weight = float::<B, 2>(weight);
     let [tokens, _] = hidden.dims();
@@ -93,12 +116,14 @@ pub fn fused_linear_cross_entropy_backward<B: Backend>(
     // Each token's factor w_t * g.
     let grad = float::<B, 1>(grad_output).reshape([1]).cast(dtype);
     let scale = weights * grad;
+    let bias = bias_row::<B>(bias, dtype);
     let weight_t = weight.clone().transpose();
     let mut grad_weight = weight.zeros_like();
+    let mut grad_bias = bias.as_ref().map(|b| b.zeros_like());
     let mut grad_hidden = Vec::new();
     for (start, end) in chunks(tokens, chunk_tokens) {
         let h = hidden.clone().slice(start..end);
-        let logits = h.clone().matmul(weight_t.clone());
+        let logits = logits(h.clone(), &weight_t, &bias);
         let max = logits.clone().max_dim(1);
         let exp = (logits - max).exp();
         let sum = exp.clone().sum_dim(1);
@@ -111,6 +136,9 @@ pub fn fused_linear_cross_entropy_backward<B: Backend>(
             IndexingUpdateOp::Add,
         );
         grad_hidden.push(g.clone().matmul(weight.clone()));
+        if let Some(gb) = grad_bias {
+            grad_bias = Some(gb + g.clone().sum_dim(0));
+        }
         grad_weight = grad_weight + g.transpose().matmul(h);
     }
     let grad_hidden = if grad_hidden.is_empty() {
@@ -121,5 +149,6 @@ pub fn fused_linear_cross_entropy_backward<B: Backend>(
     (
         grad_hidden.into_primitive().tensor(),
         grad_weight.into_primitive().tensor(),
+        grad_bias.map(|gb| gb.squeeze_dim::<1>(0).into_primitive().tensor()),
     )
 }

@@ -1,14 +1,15 @@
 //! Fused linear + cross-entropy for large vocabularies.
 //!
 //! A language model's head projects `T` hidden states (`[T, H]`) onto a
-//! vocabulary of `V` tokens (`weight`: `[V, H]`, often the tied embedding),
-//! takes the log-softmax and the negative log-likelihood of each target. Done
+//! vocabulary of `V` tokens (`weight`: `[V, H]`, often the tied embedding,
+//! plus an optional `bias`: `[V]`, as BERT's masked-LM head), takes the
+//! log-softmax and the negative log-likelihood of each target. Done
 //! with plain tensor ops, the `[T, V]` logits (206 MB at `T = 1024`,
 //! `V = 50257` in `f32`) are written, copied and exponentiated several times,
 //! forward and backward. [`linear_cross_entropy`] computes the loss and its
 //! gradients **in chunks of tokens** instead: at most one `[chunk, V]` block
 //! of logits exists at a time, in the forward and in the backward pass (which
-//! recomputes each chunk's logits from `hidden` and `weight`).
+//! recomputes each chunk's logits from `hidden`, `weight` and `bias`).
 //!
 //! The op is a Burn *backend extension* ([`FusedCrossEntropyBackend`]):
 //!
@@ -20,12 +21,17 @@
 //!   allocated once per call, tokens whose target is ignored skipped;
 //! - `Autodiff<B>` records it as one op whose backward calls
 //!   [`FusedCrossEntropyBackend::fused_linear_cross_entropy_backward`],
-//!   saving only its inputs (never logits);
-//! - `Mics<B>` gathers a sharded weight (the tied embedding) for the inner
-//!   op, through `mics_backend::extension`; `Plain<B>` is `B`;
-//! - with the cargo feature `wgpu` or `cuda`, Burn's cubecl backends
-//!   (`CubeBackend<R, F, I, BT>` and `Fusion<B>`, the types behind
-//!   `burn::backend::Wgpu` and `Cuda`) use the generic implementation.
+//!   saving only its inputs (never logits); gradients go to whichever of
+//!   `hidden`, `weight`, `bias` is tracked;
+//! - `Mics<B>` gathers a sharded weight (the tied embedding) and a sharded
+//!   bias for the inner op, through `mics_backend::extension`; `Plain<B>` is
+//!   `B`;
+//! - with the cargo feature `cubecl`, Burn's cubecl backends
+//!   (`CubeBackend<R, F, I, BT>` for any runtime `R`, and `Fusion<B>`: the
+//!   types behind `burn::backend::Wgpu` and `Cuda`) use the generic
+//!   implementation. The feature enables no runtime and none of Burn's
+//!   `wgpu`/`cuda` defaults (fusion, autotune): the crate that picks the
+//!   backend enables them.
 //!
 //! ```
 //! use burn::backend::{Autodiff, NdArray};
@@ -38,13 +44,26 @@
 //! let device = Default::default();
 //! let hidden = Tensor::<B, 2>::ones([3, 4], &device).require_grad();
 //! let weight = Tensor::<B, 2>::zeros([10, 4], &device).require_grad();
+//! // An optional [V] bias (BERT's `cls.predictions.bias`); None for none.
+//! let bias = Tensor::<B, 1>::zeros([10], &device).require_grad();
 //! let targets = Tensor::<B, 1, Int>::from_ints([1, IGNORE_INDEX, 7], &device);
 //! let options = CrossEntropyOptions::default().with_chunk_tokens(2);
-//! let loss = linear_cross_entropy(hidden.clone(), weight.clone(), targets, None, &options);
+//! let loss = linear_cross_entropy(
+//!     hidden.clone(),
+//!     weight.clone(),
+//!     Some(bias.clone()),
+//!     targets,
+//!     None,
+//!     &options,
+//! );
 //! // Two counted tokens, uniform logits: 2 ln 10.
 //! assert!((loss.clone().into_scalar() - 2.0 * 10f32.ln()).abs() < 1e-5);
 //! let grads = loss.backward();
 //! assert_eq!(weight.grad(&grads).unwrap().dims(), [10, 4]);
+//! // d bias = sum over counted tokens of softmax - onehot(target).
+//! let grad_bias = bias.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+//! assert!((grad_bias[1] - (0.2 - 1.0)).abs() < 1e-6);
+//! assert!((grad_bias[0] - 0.2).abs() < 1e-6);
 //! ```
 #![warn(missing_docs)]
 
@@ -97,12 +116,14 @@ impl Default for CrossEntropyOptions {
 /// Backend extension: the fused LM-head projection, log-softmax and
 /// negative log-likelihood, and its gradients, computed chunk by chunk.
 ///
-/// Shapes: `hidden` `[T, H]`, `weight` `[V, H]`, `targets` `[T]` (token ids
-/// in `0..V`, or [`IGNORE_INDEX`]), `token_weights` `[T]`. The loss is
+/// Shapes: `hidden` `[T, H]`, `weight` `[V, H]`, `bias` `[V]`, `targets`
+/// `[T]` (token ids in `0..V`, or [`IGNORE_INDEX`]), `token_weights` `[T]`.
+/// With the logits `z[t, v] = hidden[t] · weight[v] + bias[v]` (no `bias[v]`
+/// term without a bias), the loss is
 ///
 /// ```text
 /// sum over t with targets[t] != IGNORE_INDEX of
-///     w_t * (logsumexp_v(hidden[t] · weight[v]) - hidden[t] · weight[targets[t]])
+///     w_t * (logsumexp_v(z[t, v]) - z[t, targets[t]])
 /// ```
 ///
 /// with `w_t = token_weights[t]` (1 without weights): a sum, not a mean
@@ -118,6 +139,7 @@ pub trait FusedCrossEntropyBackend: Backend {
     fn fused_linear_cross_entropy(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
         targets: IntTensor<Self>,
         token_weights: Option<FloatTensor<Self>>,
         chunk_tokens: usize,
@@ -125,27 +147,38 @@ pub trait FusedCrossEntropyBackend: Backend {
         generic::fused_linear_cross_entropy::<Self>(
             hidden,
             weight,
+            bias,
             targets,
             token_weights,
             chunk_tokens,
         )
     }
 
-    /// The gradients of the loss with respect to `hidden` (`[T, H]`) and
-    /// `weight` (`[V, H]`), multiplied by `grad_output` (the upstream
-    /// gradient of the loss, a 1-element tensor), recomputing each chunk's
-    /// logits. Rows of ignored tokens are zero in the first.
+    /// The gradients of the loss with respect to `hidden` (`[T, H]`),
+    /// `weight` (`[V, H]`) and `bias` (`[V]`, `Some` exactly when a bias is
+    /// given), multiplied by `grad_output` (the upstream gradient of the
+    /// loss, a 1-element tensor), recomputing each chunk's logits. Rows of
+    /// ignored tokens are zero in the first. With
+    /// `g[t, v] = w_t (softmax(z[t])[v] - [v = targets[t]]) grad_output`
+    /// over the counted tokens: `d hidden = g · weight`,
+    /// `d weight = gᵀ · hidden`, `d bias[v] = sum_t g[t, v]`.
     fn fused_linear_cross_entropy_backward(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
         targets: IntTensor<Self>,
         token_weights: Option<FloatTensor<Self>>,
         chunk_tokens: usize,
         grad_output: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+    ) {
         generic::fused_linear_cross_entropy_backward::<Self>(
             hidden,
             weight,
+            bias,
             targets,
             token_weights,
             chunk_tokens,
@@ -155,16 +188,18 @@ pub trait FusedCrossEntropyBackend: Backend {
 }
 
 /// The summed, optionally weighted cross-entropy of the logits
-/// `hidden · weightᵀ` against `targets`, without ever holding the whole
-/// `[T, V]` logits: see [`FusedCrossEntropyBackend`] for the formula.
+/// `hidden · weightᵀ + bias` against `targets`, without ever holding the
+/// whole `[T, V]` logits: see [`FusedCrossEntropyBackend`] for the formula.
 ///
 /// `hidden`: `[T, H]`; `weight`: `[V, H]` (the layout of an embedding, or of
-/// a `Linear` without bias stored as `[out, in]`; pass `linear.weight.val()
-/// .transpose()` for Burn's `[in, out]` `Linear`); `targets`: `[T]` token
-/// ids, [`IGNORE_INDEX`] for tokens that do not count; `token_weights`:
-/// `[T]`, each token's factor. Returns a 1-element tensor: the sum over the
-/// counted tokens. On an autodiff backend, gradients flow to `hidden` and
-/// `weight` (not to `token_weights`, treated as constants).
+/// a `Linear` stored as `[out, in]`; pass `linear.weight.val().transpose()`
+/// for Burn's `[in, out]` `Linear`); `bias`: `[V]` or `None` (BERT's
+/// masked-LM head has one, `cls.predictions.bias`, or a `Linear`'s bias);
+/// `targets`: `[T]` token ids, [`IGNORE_INDEX`] for tokens that do not
+/// count; `token_weights`: `[T]`, each token's factor. Returns a 1-element
+/// tensor: the sum over the counted tokens. On an autodiff backend,
+/// gradients flow to whichever of `hidden`, `weight` and `bias` is tracked
+/// (not to `token_weights`, treated as constants).
 ///
 /// # Panics
 ///
@@ -174,16 +209,24 @@ pub trait FusedCrossEntropyBackend: Backend {
 pub fn linear_cross_entropy<B: FusedCrossEntropyBackend>(
     hidden: Tensor<B, 2>,
     weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
     targets: Tensor<B, 1, Int>,
     token_weights: Option<Tensor<B, 1>>,
     options: &CrossEntropyOptions,
 ) -> Tensor<B, 1> {
     let [t, h] = hidden.dims();
-    let [_, hw] = weight.dims();
+    let [v, hw] = weight.dims();
     assert_eq!(
         h, hw,
         "linear_cross_entropy: hidden is [{t}, {h}] but weight's rows have {hw} features (weight must be [V, H])"
     );
+    if let Some(b) = &bias {
+        assert_eq!(
+            b.dims(),
+            [v],
+            "linear_cross_entropy: bias must be [V] = [{v}]"
+        );
+    }
     assert_eq!(
         targets.dims(),
         [t],
@@ -203,6 +246,7 @@ pub fn linear_cross_entropy<B: FusedCrossEntropyBackend>(
     let out = B::fused_linear_cross_entropy(
         hidden.into_primitive().tensor(),
         weight.into_primitive().tensor(),
+        bias.map(|b| b.into_primitive().tensor()),
         targets.into_primitive(),
         token_weights.map(|w| w.into_primitive().tensor()),
         options.chunk_tokens,

@@ -156,6 +156,14 @@ multiversion! {
     }
 }
 
+multiversion! {
+    fn add_in_place_impl(xs: &mut [f32], ys: &[f32]) {
+        for (x, &y) in xs.iter_mut().zip(ys) {
+            *x += y;
+        }
+    }
+}
+
 /// The lanes' partial sums, pairwise, in a fixed order.
 #[inline(always)]
 fn fold(mut acc: [f32; LANES]) -> f32 {
@@ -193,4 +201,14 @@ pub fn exp_shifted_in_place(xs: &mut [f32], shift: f32) {
 /// `xs[i] *= factor`.
 pub fn scale_in_place(xs: &mut [f32], factor: f32) {
     scale_in_place_impl(xs, factor)
+}
+
+/// `xs[i] += ys[i]` (element-wise, one rounding each).
+///
+/// # Panics
+///
+/// If the lengths differ.
+pub fn add_in_place(xs: &mut [f32], ys: &[f32]) {
+    assert_eq!(xs.len(), ys.len(), "add_in_place: lengths differ");
+    add_in_place_impl(xs, ys)
 }

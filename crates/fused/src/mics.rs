@@ -1,7 +1,9 @@
-//! `Mics<B>`: the weight may be a sharded parameter (the tied embedding), so
-//! the inputs are gathered for `B`'s op, which consumes them, and the
-//! gathered bytes are released after it, as every op of `Mics<B>` does
-//! (through `mics_backend::extension`).
+//! `Mics<B>`: the weight (the tied embedding) and the bias may be sharded
+//! parameters, so the inputs are gathered for `B`'s op, which consumes them,
+//! and the gathered bytes are released after it, as every op of `Mics<B>`
+//! does (through `mics_backend::extension`). The inputs are gathered in a
+//! fixed order (`hidden`, `weight`, `bias`, `token_weights`), the same on
+//! every rank of a partition group.
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use mics_backend::Mics;
@@ -13,15 +15,21 @@ impl<B: FusedCrossEntropyBackend> FusedCrossEntropyBackend for Mics<B> {
     fn fused_linear_cross_entropy(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
         targets: IntTensor<Self>,
         token_weights: Option<FloatTensor<Self>>,
         chunk_tokens: usize,
     ) -> FloatTensor<Self> {
+        let hidden = into_inner(hidden);
+        let weight = into_inner(weight);
+        let bias = bias.map(into_inner);
+        let token_weights = token_weights.map(into_inner);
         let loss = B::fused_linear_cross_entropy(
-            into_inner(hidden),
-            into_inner(weight),
+            hidden,
+            weight,
+            bias,
             targets,
-            token_weights.map(into_inner),
+            token_weights,
             chunk_tokens,
         );
         release_gathered();
@@ -31,20 +39,35 @@ impl<B: FusedCrossEntropyBackend> FusedCrossEntropyBackend for Mics<B> {
     fn fused_linear_cross_entropy_backward(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
         targets: IntTensor<Self>,
         token_weights: Option<FloatTensor<Self>>,
         chunk_tokens: usize,
         grad_output: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (grad_hidden, grad_weight) = B::fused_linear_cross_entropy_backward(
-            into_inner(hidden),
-            into_inner(weight),
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+    ) {
+        let hidden = into_inner(hidden);
+        let weight = into_inner(weight);
+        let bias = bias.map(into_inner);
+        let token_weights = token_weights.map(into_inner);
+        let grad_output = into_inner(grad_output);
+        let (grad_hidden, grad_weight, grad_bias) = B::fused_linear_cross_entropy_backward(
+            hidden,
+            weight,
+            bias,
             targets,
-            token_weights.map(into_inner),
+            token_weights,
             chunk_tokens,
-            into_inner(grad_output),
+            grad_output,
         );
         release_gathered();
-        (from_inner(grad_hidden), from_inner(grad_weight))
+        (
+            from_inner(grad_hidden),
+            from_inner(grad_weight),
+            grad_bias.map(from_inner),
+        )
     }
 }

@@ -9,24 +9,31 @@ impl<B: FusedCrossEntropyBackend> FusedCrossEntropyBackend for Plain<B> {
     fn fused_linear_cross_entropy(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
         targets: IntTensor<Self>,
         token_weights: Option<FloatTensor<Self>>,
         chunk_tokens: usize,
     ) -> FloatTensor<Self> {
-        B::fused_linear_cross_entropy(hidden, weight, targets, token_weights, chunk_tokens)
+        B::fused_linear_cross_entropy(hidden, weight, bias, targets, token_weights, chunk_tokens)
     }
 
     fn fused_linear_cross_entropy_backward(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
         targets: IntTensor<Self>,
         token_weights: Option<FloatTensor<Self>>,
         chunk_tokens: usize,
         grad_output: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        Option<FloatTensor<Self>>,
+    ) {
         B::fused_linear_cross_entropy_backward(
             hidden,
             weight,
+            bias,
             targets,
             token_weights,
             chunk_tokens,

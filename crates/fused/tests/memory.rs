@@ -88,6 +88,7 @@ fn logits_never_exist_whole() {
         let loss = linear_cross_entropy(
             hidden.clone(),
             weight.clone(),
+            None,
             targets,
             token_weights,
             &options,

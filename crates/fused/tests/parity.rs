@@ -1,6 +1,6 @@
-//! The fused op against the unfused path (Burn's matmul, `log_softmax`,
+//! The fused op against the unfused path (Burn's matmul, bias, `log_softmax`,
 //! gather, weighted sum, gradients by autodiff): the NdArray fast path, the
-//! generic implementation and the `Autodiff` op.
+//! generic implementation and the `Autodiff` op, with and without a bias.
 
 /// The autodiff reference backend (and the autodiff backend the fused op
 /// is checked on).
@@ -16,17 +16,25 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use common::{Cpu, Output, Problem, rel_err, unfused, values};
 use mics_fused::{
-    CrossEntropyOptions, FusedCrossEntropyBackend, IGNORE_INDEX, generic, linear_cross_entropy,
+    CrossEntropyOptions, FusedCrossEntropyBackend, IGNORE_INDEX, cpu, generic, linear_cross_entropy,
 };
+use ndarray::{ArrayView1, ArrayView2, ShapeBuilder};
 
 const TOL: f64 = 1e-5;
 
 /// The worst relative errors seen, by what was compared, for the report.
 static WORST: Mutex<Vec<(String, f64)>> = Mutex::new(Vec::new());
 
-fn check(what: &str, got: &Output, want: &Output, factor: f32) {
+/// Asserts that `got` is within `TOL` of `want` (its gradients times
+/// `factor`); returns the relative errors by what was compared.
+fn compare(what: &str, got: &Output, want: &Output, factor: f32) -> Vec<(&'static str, f64)> {
     let scaled = |xs: &[f32]| xs.iter().map(|x| x * factor).collect::<Vec<_>>();
-    let errs = [
+    assert_eq!(
+        got.grad_bias.is_some(),
+        want.grad_bias.is_some(),
+        "{what}: a bias gradient exactly when there is a bias"
+    );
+    let mut errs = vec![
         ("loss", rel_err(&[got.loss], &[want.loss])),
         (
             "grad_hidden",
@@ -37,11 +45,21 @@ fn check(what: &str, got: &Output, want: &Output, factor: f32) {
             rel_err(&got.grad_weight, &scaled(&want.grad_weight)),
         ),
     ];
-    for (name, err) in errs {
+    if let (Some(g), Some(w)) = (&got.grad_bias, &want.grad_bias) {
+        errs.push(("grad_bias", rel_err(g, &scaled(w))));
+    }
+    for &(name, err) in &errs {
         assert!(
             err <= TOL,
             "{what}: {name} relative error {err:e} > {TOL:e}"
         );
+    }
+    errs
+}
+
+/// [`compare`], recording the errors for the report.
+fn check(what: &str, got: &Output, want: &Output, factor: f32) {
+    for (name, err) in compare(what, got, want, factor) {
         let key = format!("{what} {name}");
         let mut worst = WORST.lock().unwrap();
         match worst.iter_mut().find(|(k, _)| *k == key) {
@@ -65,10 +83,12 @@ fn fused_autodiff<A: AutodiffBackend + FusedCrossEntropyBackend>(
     let device = Default::default();
     let hidden = p.hidden::<A>(&device).require_grad();
     let weight = p.weight::<A>(&device).require_grad();
+    let bias = p.bias::<A>(&device).map(|b| b.require_grad());
     let options = CrossEntropyOptions::default().with_chunk_tokens(chunk);
     let loss = linear_cross_entropy(
         hidden.clone(),
         weight.clone(),
+        bias.clone(),
         p.targets::<A>(&device),
         p.token_weights::<A>(&device),
         &options,
@@ -79,6 +99,7 @@ fn fused_autodiff<A: AutodiffBackend + FusedCrossEntropyBackend>(
         loss: value,
         grad_hidden: values(hidden.grad(&grads).unwrap()),
         grad_weight: values(weight.grad(&grads).unwrap()),
+        grad_bias: bias.map(|b| values(b.grad(&grads).unwrap())),
     }
 }
 
@@ -99,6 +120,7 @@ fn direct(p: &Problem, chunk: usize, grad_output: f32, use_generic: bool) -> Out
         (
             float(p.hidden::<Cpu>(&d)),
             float(p.weight::<Cpu>(&d)),
+            p.bias::<Cpu>(&d).map(float),
             p.targets::<Cpu>(&d).into_primitive(),
             p.token_weights::<Cpu>(&d).map(float),
         )
@@ -107,28 +129,32 @@ fn direct(p: &Problem, chunk: usize, grad_output: f32, use_generic: bool) -> Out
         TensorData::new(vec![grad_output], [1]),
         &d,
     ));
-    let (h, w, t, tw) = args();
+    let (h, w, b, t, tw) = args();
     let loss = if use_generic {
-        generic::fused_linear_cross_entropy::<Cpu>(h, w, t, tw, chunk)
+        generic::fused_linear_cross_entropy::<Cpu>(h, w, b, t, tw, chunk)
     } else {
-        Cpu::fused_linear_cross_entropy(h, w, t, tw, chunk)
+        Cpu::fused_linear_cross_entropy(h, w, b, t, tw, chunk)
     };
-    let (h, w, t, tw) = args();
-    let (gh, gw) = if use_generic {
-        generic::fused_linear_cross_entropy_backward::<Cpu>(h, w, t, tw, chunk, grad)
+    let (h, w, b, t, tw) = args();
+    let (gh, gw, gb) = if use_generic {
+        generic::fused_linear_cross_entropy_backward::<Cpu>(h, w, b, t, tw, chunk, grad)
     } else {
-        Cpu::fused_linear_cross_entropy_backward(h, w, t, tw, chunk, grad)
+        Cpu::fused_linear_cross_entropy_backward(h, w, b, t, tw, chunk, grad)
     };
+    assert_eq!(gb.is_some(), p.bias.is_some());
     let loss = tensor::<1>(loss);
     assert_eq!(loss.dims(), [1]);
     Output {
         loss: values(loss)[0],
         grad_hidden: values(tensor::<2>(gh)),
         grad_weight: values(tensor::<2>(gw)),
+        grad_bias: gb.map(|gb| values(tensor::<1>(gb))),
     }
 }
 
-/// (t, h, v, chunk, ignored fraction, weighted, logit scale)
+/// (t, h, v, chunk, ignored fraction, weighted, logit scale); every case
+/// runs without and with a bias. V is never a multiple of the vector width
+/// (16), and 2049 spans three blocks of `d bias` columns.
 const CASES: &[(usize, usize, usize, usize, f64, bool, f32)] = &[
     (37, 16, 1003, 8, 0.2, true, 3.0),
     (37, 16, 1003, 1, 0.2, false, 3.0),
@@ -144,27 +170,33 @@ const CASES: &[(usize, usize, usize, usize, f64, bool, f32)] = &[
 #[test]
 fn fused_matches_unfused() {
     for (i, &(t, h, v, chunk, ignored, weighted, scale)) in CASES.iter().enumerate() {
-        let p = Problem::random(i as u64, t, h, v, ignored, weighted, scale);
-        let want = unfused::<Ref>(&p);
-        let case = format!("case {i} (T={t} H={h} V={v} chunk={chunk})");
-        check(
-            &format!("autodiff {case}"),
-            &fused_autodiff::<Ref>(&p, chunk),
-            &want,
-            1.0,
-        );
-        check(
-            &format!("ndarray {case}"),
-            &direct(&p, chunk, 0.37, false),
-            &want,
-            0.37,
-        );
-        check(
-            &format!("generic {case}"),
-            &direct(&p, chunk, 0.37, true),
-            &want,
-            0.37,
-        );
+        for with_bias in [false, true] {
+            let mut p = Problem::random(i as u64, t, h, v, ignored, weighted, scale);
+            if with_bias {
+                p = p.with_bias(i as u64, scale);
+            }
+            let want = unfused::<Ref>(&p);
+            let label = if with_bias { "bias" } else { "no-bias" };
+            let case = format!("{label} case {i} (T={t} H={h} V={v} chunk={chunk})");
+            check(
+                &format!("autodiff {case}"),
+                &fused_autodiff::<Ref>(&p, chunk),
+                &want,
+                1.0,
+            );
+            check(
+                &format!("ndarray {case}"),
+                &direct(&p, chunk, 0.37, false),
+                &want,
+                0.37,
+            );
+            check(
+                &format!("generic {case}"),
+                &direct(&p, chunk, 0.37, true),
+                &want,
+                0.37,
+            );
+        }
     }
     // Summed over the cases, by path.
     let worst = WORST.lock().unwrap().clone();
@@ -185,79 +217,100 @@ fn fused_matches_unfused() {
     }
 }
 
+/// Every subset of `hidden`, `weight` (and `bias`, with one) tracked.
 #[test]
 fn gradients_flow_to_tracked_inputs_only() {
-    let p = Problem::random(7, 19, 8, 101, 0.2, true, 3.0);
-    let want = unfused::<Ref>(&p);
     let device = Default::default();
     let options = CrossEntropyOptions::default().with_chunk_tokens(4);
-    for (track_hidden, track_weight) in [(true, false), (false, true), (false, false)] {
-        let mut hidden = p.hidden::<Ref>(&device);
-        let mut weight = p.weight::<Ref>(&device);
-        if track_hidden {
-            hidden = hidden.require_grad();
+    for with_bias in [false, true] {
+        let mut p = Problem::random(7, 19, 8, 101, 0.2, true, 3.0);
+        if with_bias {
+            p = p.with_bias(7, 3.0);
         }
-        if track_weight {
-            weight = weight.require_grad();
-        }
-        let loss = linear_cross_entropy(
-            hidden.clone(),
-            weight.clone(),
-            p.targets::<Ref>(&device),
-            p.token_weights::<Ref>(&device),
-            &options,
-        );
-        assert!(rel_err(&values(loss.clone()), &[want.loss]) <= TOL);
-        if !track_hidden && !track_weight {
-            continue;
-        }
-        let grads = loss.backward();
-        assert_eq!(hidden.grad(&grads).is_some(), track_hidden);
-        assert_eq!(weight.grad(&grads).is_some(), track_weight);
-        if track_hidden {
-            let g = values(hidden.grad(&grads).unwrap());
-            assert!(rel_err(&g, &want.grad_hidden) <= TOL);
-        }
-        if track_weight {
-            let g = values(weight.grad(&grads).unwrap());
-            assert!(rel_err(&g, &want.grad_weight) <= TOL);
+        let want = unfused::<Ref>(&p);
+        for mask in 0..8_u32 {
+            let (track_hidden, track_weight, track_bias) =
+                (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+            if track_bias && !with_bias {
+                continue;
+            }
+            let mut hidden = p.hidden::<Ref>(&device);
+            let mut weight = p.weight::<Ref>(&device);
+            let mut bias = p.bias::<Ref>(&device);
+            if track_hidden {
+                hidden = hidden.require_grad();
+            }
+            if track_weight {
+                weight = weight.require_grad();
+            }
+            if track_bias {
+                bias = bias.map(|b| b.require_grad());
+            }
+            let loss = linear_cross_entropy(
+                hidden.clone(),
+                weight.clone(),
+                bias.clone(),
+                p.targets::<Ref>(&device),
+                p.token_weights::<Ref>(&device),
+                &options,
+            );
+            assert!(rel_err(&values(loss.clone()), &[want.loss]) <= TOL);
+            if mask == 0 {
+                continue;
+            }
+            let grads = loss.backward();
+            assert_eq!(hidden.grad(&grads).is_some(), track_hidden);
+            assert_eq!(weight.grad(&grads).is_some(), track_weight);
+            if let Some(b) = &bias {
+                assert_eq!(b.grad(&grads).is_some(), track_bias);
+            }
+            if track_hidden {
+                let g = values(hidden.grad(&grads).unwrap());
+                assert!(rel_err(&g, &want.grad_hidden) <= TOL, "mask {mask}");
+            }
+            if track_weight {
+                let g = values(weight.grad(&grads).unwrap());
+                assert!(rel_err(&g, &want.grad_weight) <= TOL, "mask {mask}");
+            }
+            if track_bias {
+                let g = values(bias.unwrap().grad(&grads).unwrap());
+                let w = want.grad_bias.as_ref().unwrap();
+                assert!(rel_err(&g, w) <= TOL, "mask {mask}");
+            }
         }
     }
 }
 
 /// The op inside a larger graph: the upstream gradient scales its
-/// gradients, and gradients from another use of `weight` add up.
+/// gradients, and gradients from other uses of `weight` and `bias` add up.
 #[test]
 fn upstream_gradient_and_shared_weight() {
-    let p = Problem::random(11, 23, 12, 97, 0.1, false, 3.0);
+    let p = Problem::random(11, 23, 12, 97, 0.1, false, 3.0).with_bias(11, 2.0);
     let device = Default::default();
     let run = |fused: bool| {
         let hidden = p.hidden::<Ref>(&device).require_grad();
         let weight = p.weight::<Ref>(&device).require_grad();
+        let bias = p.bias::<Ref>(&device).unwrap().require_grad();
         let loss = if fused {
             linear_cross_entropy(
                 hidden.clone(),
                 weight.clone(),
+                Some(bias.clone()),
                 p.targets::<Ref>(&device),
                 None,
                 &CrossEntropyOptions::default().with_chunk_tokens(6),
             )
         } else {
-            let q = Problem {
-                weights: None,
-                ..p.clone()
-            };
             // The unfused loss on the same tensors (as `unfused`, inline).
-            let logp = burn::tensor::activation::log_softmax(
-                hidden.clone().matmul(weight.clone().transpose()),
-                1,
-            );
-            let safe: Vec<i64> = q
+            let logits = hidden.clone().matmul(weight.clone().transpose())
+                + bias.clone().unsqueeze_dim::<2>(0);
+            let logp = burn::tensor::activation::log_softmax(logits, 1);
+            let safe: Vec<i64> = p
                 .targets
                 .iter()
                 .map(|&x| if x == IGNORE_INDEX { 0 } else { x })
                 .collect();
-            let mask: Vec<f32> = q
+            let mask: Vec<f32> = p
                 .targets
                 .iter()
                 .map(|&x| if x == IGNORE_INDEX { 0.0 } else { 1.0 })
@@ -265,37 +318,44 @@ fn upstream_gradient_and_shared_weight() {
             let picked = logp
                 .gather(
                     1,
-                    Tensor::from_data(TensorData::new(safe, [q.t, 1]), &device),
+                    Tensor::from_data(TensorData::new(safe, [p.t, 1]), &device),
                 )
-                .reshape([q.t]);
-            (picked.neg() * Tensor::from_data(TensorData::new(mask, [q.t]), &device)).sum()
+                .reshape([p.t]);
+            (picked.neg() * Tensor::from_data(TensorData::new(mask, [p.t]), &device)).sum()
         };
-        // Another use of the weight (a tied embedding) and a scaled loss.
-        let total = loss * 0.25 + weight.clone().powi_scalar(2).sum() * 0.5;
+        // Other uses of the weight (a tied embedding) and of the bias, and a
+        // scaled loss.
+        let total = loss * 0.25
+            + weight.clone().powi_scalar(2).sum() * 0.5
+            + bias.clone().powi_scalar(2).sum() * 0.125;
         let grads = total.backward();
         (
             values(hidden.grad(&grads).unwrap()),
             values(weight.grad(&grads).unwrap()),
+            values(bias.grad(&grads).unwrap()),
         )
     };
-    let (fh, fw) = run(true);
-    let (uh, uw) = run(false);
+    let (fh, fw, fb) = run(true);
+    let (uh, uw, ub) = run(false);
     assert!(rel_err(&fh, &uh) <= TOL, "{:e}", rel_err(&fh, &uh));
     assert!(rel_err(&fw, &uw) <= TOL, "{:e}", rel_err(&fw, &uw));
+    assert!(rel_err(&fb, &ub) <= TOL, "{:e}", rel_err(&fb, &ub));
 }
 
 #[test]
 fn all_ignored_is_zero() {
-    let mut p = Problem::random(3, 9, 4, 13, 0.0, true, 2.0);
+    let mut p = Problem::random(3, 9, 4, 13, 0.0, true, 2.0).with_bias(3, 2.0);
     p.targets = vec![IGNORE_INDEX; p.t];
     for use_generic in [false, true] {
         let out = direct(&p, 4, 1.0, use_generic);
         assert_eq!(out.loss, 0.0);
         assert!(out.grad_hidden.iter().all(|&x| x == 0.0));
         assert!(out.grad_weight.iter().all(|&x| x == 0.0));
+        assert!(out.grad_bias.unwrap().iter().all(|&x| x == 0.0));
     }
     let out = fused_autodiff::<Ref>(&p, 4);
     assert_eq!(out.loss, 0.0);
+    assert!(out.grad_bias.unwrap().iter().all(|&x| x == 0.0));
 }
 
 #[test]
@@ -306,6 +366,7 @@ fn zero_tokens() {
         v: 5,
         hidden: vec![],
         weight: vec![0.5; 20],
+        bias: Some(vec![0.25; 5]),
         targets: vec![],
         weights: None,
     };
@@ -314,6 +375,7 @@ fn zero_tokens() {
         assert_eq!(out.loss, 0.0);
         assert!(out.grad_hidden.is_empty());
         assert!(out.grad_weight.iter().all(|&x| x == 0.0));
+        assert_eq!(out.grad_bias, Some(vec![0.0; 5]));
     }
 }
 
@@ -325,6 +387,7 @@ fn zero_chunk_panics() {
     let _ = linear_cross_entropy(
         p.hidden::<Cpu>(&d),
         p.weight::<Cpu>(&d),
+        None,
         p.targets::<Cpu>(&d),
         None,
         &CrossEntropyOptions::default().with_chunk_tokens(0),
@@ -340,6 +403,22 @@ fn target_out_of_range_panics_on_ndarray() {
     let _ = linear_cross_entropy(
         p.hidden::<Cpu>(&d),
         p.weight::<Cpu>(&d),
+        None,
+        p.targets::<Cpu>(&d),
+        None,
+        &CrossEntropyOptions::default(),
+    );
+}
+
+#[test]
+#[should_panic(expected = "bias must be [V]")]
+fn bias_of_wrong_length_panics() {
+    let p = Problem::random(1, 4, 4, 5, 0.0, false, 1.0);
+    let d = Default::default();
+    let _ = linear_cross_entropy(
+        p.hidden::<Cpu>(&d),
+        p.weight::<Cpu>(&d),
+        Some(Tensor::<Cpu, 1>::zeros([4], &d)),
         p.targets::<Cpu>(&d),
         None,
         &CrossEntropyOptions::default(),
@@ -350,7 +429,7 @@ fn target_out_of_range_panics_on_ndarray() {
 /// layout), hidden as a slice: any strides.
 #[test]
 fn strided_inputs() {
-    let p = Problem::random(5, 21, 10, 211, 0.1, true, 3.0);
+    let p = Problem::random(5, 21, 10, 211, 0.1, true, 3.0).with_bias(5, 3.0);
     let want = unfused::<Ref>(&p);
     let d = Default::default();
     let weight_t = p.weight::<Cpu>(&d).transpose().into_data();
@@ -360,9 +439,51 @@ fn strided_inputs() {
     let loss = linear_cross_entropy(
         hidden,
         weight,
+        p.bias::<Cpu>(&d),
         p.targets::<Cpu>(&d),
         p.token_weights::<Cpu>(&d),
         &CrossEntropyOptions::default().with_chunk_tokens(4),
     );
     assert!(rel_err(&values(loss), &[want.loss]) <= TOL);
+}
+
+/// The host functions on views with any strides, the bias included (a
+/// strided bias is copied once per call).
+#[test]
+fn strided_views_on_the_host_path() {
+    let p = Problem::random(6, 21, 10, 211, 0.1, true, 3.0).with_bias(6, 3.0);
+    let want = unfused::<Ref>(&p);
+    // weight: a column-major view; bias: every other element of a buffer;
+    // hidden: the first columns of a wider buffer.
+    let mut weight_cm = vec![0.0_f32; p.v * p.h];
+    for r in 0..p.v {
+        for c in 0..p.h {
+            weight_cm[c * p.v + r] = p.weight[r * p.h + c];
+        }
+    }
+    let weight = ArrayView2::from_shape((p.v, p.h).f(), &weight_cm).unwrap();
+    let bias_buf: Vec<f32> = p
+        .bias
+        .as_ref()
+        .unwrap()
+        .iter()
+        .flat_map(|&b| [b, f32::NAN])
+        .collect();
+    let bias = ArrayView1::from_shape(p.v.strides(2), &bias_buf).unwrap();
+    let hidden_buf: Vec<f32> = p
+        .hidden
+        .chunks(p.h)
+        .flat_map(|row| row.iter().copied().chain([f32::NAN; 3]))
+        .collect();
+    let hidden = ArrayView2::from_shape((p.t, p.h).strides((p.h + 3, 1)), &hidden_buf).unwrap();
+    let weights = p.weights.as_deref().map(ArrayView1::from);
+    let loss = cpu::forward(hidden, weight, Some(bias), &p.targets, weights, 4);
+    let (gh, gw, gb) = cpu::backward(hidden, weight, Some(bias), &p.targets, weights, 4, 1.0);
+    let got = Output {
+        loss,
+        grad_hidden: gh.iter().copied().collect(),
+        grad_weight: gw.iter().copied().collect(),
+        grad_bias: gb.map(|gb| gb.to_vec()),
+    };
+    compare("host strided", &got, &want, 1.0);
 }

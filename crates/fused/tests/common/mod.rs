@@ -9,7 +9,8 @@ use mics_fused::IGNORE_INDEX;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// A problem: `hidden` `[t, h]`, `weight` `[v, h]`, targets, token weights.
+/// A problem: `hidden` `[t, h]`, `weight` `[v, h]`, an optional `bias`
+/// `[v]`, targets, token weights.
 #[derive(Debug, Clone)]
 pub struct Problem {
     pub t: usize,
@@ -17,6 +18,7 @@ pub struct Problem {
     pub v: usize,
     pub hidden: Vec<f32>,
     pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
     pub targets: Vec<i64>,
     pub weights: Option<Vec<f32>>,
 }
@@ -55,9 +57,22 @@ impl Problem {
             v,
             hidden,
             weight,
+            bias: None,
             targets,
             weights,
         }
+    }
+
+    /// The same problem with a random bias of size about `scale` (as large
+    /// as the logits, so that it matters).
+    pub fn with_bias(mut self, seed: u64, scale: f32) -> Problem {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0xb1a5);
+        self.bias = Some(
+            (0..self.v)
+                .map(|_| rng.random_range(-scale..scale))
+                .collect(),
+        );
+        self
     }
 
     pub fn hidden<B: burn::tensor::backend::Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
@@ -72,6 +87,15 @@ impl Problem {
             TensorData::new(self.weight.clone(), [self.v, self.h]),
             device,
         )
+    }
+
+    pub fn bias<B: burn::tensor::backend::Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Option<Tensor<B, 1>> {
+        self.bias
+            .as_ref()
+            .map(|b| Tensor::from_data(TensorData::new(b.clone(), [self.v]), device))
     }
 
     pub fn targets<B: burn::tensor::backend::Backend>(
@@ -91,26 +115,31 @@ impl Problem {
     }
 }
 
-/// Loss and gradients with respect to hidden and weight.
+/// Loss and gradients with respect to hidden, weight and bias (if any).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
     pub loss: f32,
     pub grad_hidden: Vec<f32>,
     pub grad_weight: Vec<f32>,
+    pub grad_bias: Option<Vec<f32>>,
 }
 
 pub fn values<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().unwrap()
 }
 
-/// The unfused path on an autodiff backend: the whole logits, Burn's
-/// `log_softmax`, a gather of the targets, the weighted sum; gradients by
-/// autodiff.
+/// The unfused path on an autodiff backend: the whole logits (matmul, plus
+/// the bias broadcast over the rows), Burn's `log_softmax`, a gather of the
+/// targets, the weighted sum; gradients by autodiff.
 pub fn unfused<A: AutodiffBackend>(p: &Problem) -> Output {
     let device = Default::default();
     let hidden = p.hidden::<A>(&device).require_grad();
     let weight = p.weight::<A>(&device).require_grad();
-    let logits = hidden.clone().matmul(weight.clone().transpose());
+    let bias = p.bias::<A>(&device).map(|b| b.require_grad());
+    let mut logits = hidden.clone().matmul(weight.clone().transpose());
+    if let Some(b) = &bias {
+        logits = logits + b.clone().unsqueeze_dim::<2>(0);
+    }
     let logp = log_softmax(logits, 1);
     let safe: Vec<i64> = p
         .targets
@@ -143,6 +172,7 @@ pub fn unfused<A: AutodiffBackend>(p: &Problem) -> Output {
         loss: value,
         grad_hidden: values(hidden.grad(&grads).unwrap()),
         grad_weight: values(weight.grad(&grads).unwrap()),
+        grad_bias: bias.map(|b| values(b.grad(&grads).unwrap())),
     }
 }
 
