@@ -164,7 +164,7 @@ mod state;
 mod tensor;
 
 pub use backend::Mics;
-pub use optim::{LossScale, ShardedOptimizer};
+pub use optim::{LossScale, LossScaleState, ShardedOptimizer};
 pub use precision::Precision;
 pub use runtime::{Counters, MicsRuntime, PrefetchConfig};
 pub use shard::{ShardInit, gather_module, shard_module};

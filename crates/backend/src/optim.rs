@@ -91,6 +91,18 @@ pub enum LossScale {
     },
 }
 
+/// The state of loss scaling between steps (see
+/// [`ShardedOptimizer::loss_scale_state`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScaleState {
+    /// The current scale.
+    pub scale: f32,
+    /// Good steps in a row since the scale last changed.
+    pub good_steps: u32,
+    /// Steps skipped on overflow so far.
+    pub skipped_steps: u64,
+}
+
 impl LossScale {
     /// Dynamic scaling with PyTorch's `GradScaler` defaults: initial scale
     /// 2^16, doubled after 2000 good steps.
@@ -170,6 +182,32 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
     /// loss scaling). With dynamic scaling it changes at [`step`](Self::step).
     pub fn loss_scale(&self) -> f32 {
         self.scale
+    }
+
+    /// The dynamic loss scale's state, for a checkpoint: the current scale,
+    /// the good steps in a row since it last changed and the steps skipped.
+    /// Restored by [`restore_loss_scale`](Self::restore_loss_scale), a
+    /// resumed fp16 run continues with the same scale instead of starting
+    /// over from the initial one.
+    pub fn loss_scale_state(&self) -> LossScaleState {
+        LossScaleState {
+            scale: self.scale,
+            good_steps: self.good_steps,
+            skipped_steps: self.skipped_steps,
+        }
+    }
+
+    /// Restores a state from [`loss_scale_state`](Self::loss_scale_state).
+    /// Panics if the scale is not finite and positive.
+    pub fn restore_loss_scale(&mut self, state: LossScaleState) {
+        assert!(
+            state.scale.is_finite() && state.scale > 0.0,
+            "mics: loss scale {} is not finite and positive",
+            state.scale
+        );
+        self.scale = state.scale;
+        self.good_steps = state.good_steps;
+        self.skipped_steps = state.skipped_steps;
     }
 
     /// Steps skipped because their gradients held an inf or NaN (dynamic
