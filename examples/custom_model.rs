@@ -24,6 +24,7 @@
 //! ```sh
 //! cargo run --example custom_model -- --tiny     # 40 steps (seconds)
 //! cargo run --release --example custom_model     # 300 steps
+//! cargo run --features wgpu --example custom_model -- --tiny --device wgpu
 //! ```
 //!
 //! `MICS_EXAMPLE_TINY=1` selects the tiny settings like `--tiny`. `--out DIR`
@@ -33,7 +34,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{AutodiffModule, Module};
 use burn::nn::{Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig};
@@ -41,6 +42,7 @@ use burn::optim::{AdamW, AdamWConfig};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use clap::Parser;
 use mics::backend::{
     Counters, Mics, MicsRuntime, PrefetchConfig, ShardInit, ShardedOptimizer, gather_module,
     shard_module,
@@ -48,6 +50,7 @@ use mics::backend::{
 use mics::comm::{
     Collectives, CommStats, Communicator, MicsGroups, ReduceOp, ThreadsEngine, Topology,
 };
+use mics::train::{BackendTask, Device, Precision, TrainBackend};
 
 // ---------------------------------------------------------------------------
 // The user's model: plain Burn, generic over the backend.
@@ -182,9 +185,8 @@ fn from_bytes<B: Backend, M: Module<B>>(fresh: M, bytes: &[u8], device: &B::Devi
 // Training.
 // ---------------------------------------------------------------------------
 
+/// Where the initial and the trained model live: Burn's CPU backend.
 type Cpu = NdArray;
-/// What the model trains on: Autodiff over the MiCS decorator over NdArray.
-type Train = Autodiff<Mics<Cpu>>;
 
 /// What one rank reports back.
 struct RankReport {
@@ -198,9 +200,17 @@ struct RankReport {
     trained: Option<Vec<u8>>,
 }
 
-fn run_rank(world: Arc<dyn Communicator>, initial: &[u8], steps: usize) -> Result<RankReport> {
+/// One rank, computing on `B` (NdArray, wgpu or CUDA: `--device`): the
+/// model trains on `Autodiff<Mics<B>>`, the MiCS decorator around `B`.
+fn run_rank<B: Backend>(
+    world: Arc<dyn Communicator>,
+    initial: &[u8],
+    steps: usize,
+    device: &B::Device,
+) -> Result<RankReport> {
+    type Train<B> = Autodiff<Mics<B>>;
     let rank = world.rank();
-    let device = Default::default();
+    let device = device.clone();
     let topology = Topology::new(WORLD, RANKS_PER_NODE, PARTITION)?;
     let groups = MicsGroups::new(world.clone(), topology)?;
     // Prefetch: the first step records the order parameters are used in,
@@ -210,12 +220,12 @@ fn run_rank(world: Arc<dyn Communicator>, initial: &[u8], steps: usize) -> Resul
     // The same initial values on every rank, then one call shards them:
     // each rank keeps 1/p of every parameter.
     let model = from_bytes(
-        Regressor::<Train>::new(INPUTS, WIDTH, DEPTH, &device),
+        Regressor::<Train<B>>::new(INPUTS, WIDTH, DEPTH, &device),
         initial,
         &device,
     )?;
     let mut model = shard_module(model, &runtime, ShardInit::Identical);
-    let mut optim: ShardedOptimizer<Cpu, AdamW> =
+    let mut optim: ShardedOptimizer<B, AdamW> =
         ShardedOptimizer::adamw(&AdamWConfig::new().with_weight_decay(1e-4), &runtime)
             .with_grad_clip_norm(1.0);
 
@@ -226,7 +236,7 @@ fn run_rank(world: Arc<dyn Communicator>, initial: &[u8], steps: usize) -> Resul
         for micro in 0..ACCUM {
             let (x, y) = tensors(samples(batch_seed(step, rank, micro), MICRO_BATCH), &device);
             let loss = model.loss(x, y);
-            local += loss.clone().into_scalar();
+            local += burn::tensor::ElementConversion::elem::<f32>(loss.clone().into_scalar());
             // Backward, then reduce-scatter the gradients inside the partition group.
             optim.accumulate(&model, loss.backward());
         }
@@ -249,7 +259,7 @@ fn run_rank(world: Arc<dyn Communicator>, initial: &[u8], steps: usize) -> Resul
     // the same model on plain NdArray.
     let gathered = gather_module(model).valid();
     let trained = if rank == 0 {
-        Some(to_bytes(gathered)?)
+        Some(to_bytes::<Mics<B>, _>(gathered)?)
     } else {
         None
     };
@@ -265,38 +275,43 @@ fn run_rank(world: Arc<dyn Communicator>, initial: &[u8], steps: usize) -> Resul
 
 // ---------------------------------------------------------------------------
 
+/// Train a user-defined Burn model sharded with MiCS, through the backend API.
+#[derive(Parser)]
 struct Args {
-    steps: usize,
+    /// Tiny settings (40 steps): seconds, for CI.
+    #[arg(long, env = "MICS_EXAMPLE_TINY", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
+    tiny: bool,
+    /// Optimizer steps (default 40 with --tiny, else 300).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Where the trained model goes (`regressor.bin`).
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("mics-examples/custom_model"))]
     out: PathBuf,
+    /// The compute device of the ranks: `cpu`, `wgpu` (built with `--features wgpu`), `cuda`.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
-const USAGE: &str = "usage: custom_model [--tiny] [--steps N] [--out DIR]";
+/// The ranks on the backend `--device` selects.
+struct Ranks<'a> {
+    initial: &'a [u8],
+    steps: usize,
+}
 
-fn parse_args() -> Result<Args> {
-    let mut tiny = std::env::var("MICS_EXAMPLE_TINY").is_ok_and(|v| v == "1");
-    let (mut steps, mut out) = (None, None);
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--tiny" => tiny = true,
-            "--steps" => steps = Some(args.next().context(USAGE)?.parse().context(USAGE)?),
-            "--out" => out = Some(PathBuf::from(args.next().context(USAGE)?)),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument `{other}`\n{USAGE}"),
-        }
+impl BackendTask for Ranks<'_> {
+    type Output = Result<Vec<Result<Result<RankReport>, String>>>;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
+        let engine = ThreadsEngine::new(WORLD).ranks_per_node(RANKS_PER_NODE);
+        engine
+            .run(|comm| run_rank::<B>(Arc::new(comm), self.initial, self.steps, &device))
+            .context("cannot start the ranks")
     }
-    Ok(Args {
-        steps: steps.unwrap_or(if tiny { 40 } else { 300 }),
-        out: out.unwrap_or_else(|| std::env::temp_dir().join("mics-examples/custom_model")),
-    })
 }
 
 fn main() -> Result<()> {
-    let args = parse_args()?;
-    ensure!(args.steps >= 2, "--steps must be at least 2");
+    let args = Args::parse();
+    let steps = args.steps.unwrap_or(if args.tiny { 40 } else { 300 });
+    ensure!(steps >= 2, "--steps must be at least 2");
     let device = Default::default();
 
     // The initial model, built once on plain NdArray with a fixed seed.
@@ -315,10 +330,11 @@ fn main() -> Result<()> {
         WORLD * ACCUM * MICRO_BATCH
     );
 
-    let engine = ThreadsEngine::new(WORLD).ranks_per_node(RANKS_PER_NODE);
-    let results = engine
-        .run(|comm| run_rank(Arc::new(comm), &initial, args.steps))
-        .context("cannot start the ranks")?;
+    let ranks = Ranks {
+        initial: &initial,
+        steps,
+    };
+    let results = mics::train::with_backend(args.device, Precision::Fp32, ranks)??;
     let mut reports = Vec::new();
     for (rank, result) in results.into_iter().enumerate() {
         let report = result

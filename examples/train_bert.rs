@@ -12,92 +12,59 @@
 //! ```sh
 //! scripts/fetch-assets                                  # once: MiniLM and Moby-Dick
 //! cargo run --example train_bert -- --tiny              # 3 steps, seq_len 32, N = 2, p = 2
-//! cargo run --release --example train_bert              # 100 steps, seq_len 128, N = 4, p = 2
+//! cargo run --release --example train_bert              # 100 steps, seq_len 128, N = 2, p = 2
 //! cargo run --example train_bert -- --tiny --out runs/bert
 //! ```
 //!
-//! `MICS_EXAMPLE_TINY=1` selects the tiny settings like `--tiny`. Without
-//! `--out` the run goes to `$TMPDIR/mics-examples/train_bert`.
+//! The run is `configs/bert-mlm.toml`; every `mics train` flag overrides it
+//! (`--device wgpu` with `--features wgpu`). `MICS_EXAMPLE_TINY=1` selects
+//! the tiny settings like `--tiny`. Without `--out` the run goes to
+//! `$TMPDIR/mics-examples/train_bert`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use mics::train::TrainConfig;
+use clap::Parser;
+use mics::train::{Overrides, RunOutcome, TrainConfig};
 
-const USAGE: &str = "usage: train_bert [--tiny] [--out DIR]";
-
+/// Fine-tune MiniLM with masked LM on Moby-Dick with MiCS (`configs/bert-mlm.toml`).
+#[derive(Parser)]
 struct Args {
+    /// Tiny settings (3 steps, seq_len 32): seconds, for CI.
+    #[arg(long, env = "MICS_EXAMPLE_TINY", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
     tiny: bool,
-    out: PathBuf,
+    /// Every `mics train` flag (`--device wgpu`, `--world 4`, `--out DIR`, ...).
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
-fn parse_args() -> Result<Args> {
-    let mut tiny = std::env::var("MICS_EXAMPLE_TINY").is_ok_and(|v| v == "1");
-    let mut out = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--tiny" => tiny = true,
-            "--out" => out = Some(PathBuf::from(args.next().context(USAGE)?)),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument `{other}`\n{USAGE}"),
-        }
+/// The shipped config (MiniLM from the asset cache, `init_from = "asset:minilm"`),
+/// made tiny for `--tiny`, with the command line's overrides on top.
+fn config(args: &Args) -> Result<TrainConfig> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/bert-mlm.toml");
+    let mut config = TrainConfig::load(&path)?;
+    config.output.dir = std::env::temp_dir().join("mics-examples/train_bert");
+    if args.tiny {
+        let (d, t) = (&mut config.data, &mut config.train);
+        d.seq_len = 32;
+        (t.steps, t.micro_batch, t.grad_accum, t.warmup_steps) = (3, 2, 1, 0);
+        (
+            t.eval_every,
+            t.eval_batches,
+            t.checkpoint_every,
+            t.log_every,
+        ) = (0, 1, 0, 1);
     }
-    let out = out.unwrap_or_else(|| std::env::temp_dir().join("mics-examples/train_bert"));
-    Ok(Args { tiny, out })
-}
-
-/// The run, written as the TOML of `mics train --config` (the same keys as
-/// `configs/bert-mlm.toml`). The model's sizes come from the checkpoint's
-/// `config.json`.
-fn config(tiny: bool, minilm: PathBuf, out: PathBuf) -> Result<TrainConfig> {
-    #[rustfmt::skip]
-    let (steps, seq_len, micro_batch, world, p, warmup, eval_every, eval_batches, log_every) =
-        if tiny { (3, 32, 2, 2, 2, 0, 0, 1, 1) } else { (100, 128, 4, 4, 2, 10, 50, 4, 10) };
-    let text = format!(
-        r#"
-[model]
-type = "bert"
-dropout = 0.1
-
-[data]
-corpus = "moby-dick"
-tokenizer = "bert"
-seq_len = {seq_len}
-
-[train]
-steps = {steps}
-micro_batch = {micro_batch}
-grad_accum = 1
-seed = 7
-lr = 1e-4
-min_lr = 1e-5
-warmup_steps = {warmup}
-weight_decay = 0.01
-grad_clip = 1.0
-eval_every = {eval_every}
-eval_batches = {eval_batches}
-log_every = {log_every}
-
-[parallel]
-world = {world}
-partition_size = {p}
-"#
-    );
-    let mut config = TrainConfig::parse(&text, Path::new("(train_bert example)"))?;
-    config.model.init_from = Some(minilm);
-    config.output.dir = out;
+    config.apply(&args.overrides);
     Ok(config)
 }
 
 fn main() -> Result<()> {
-    let args = parse_args()?;
-    let minilm = mics::hub::assets::asset_dir("minilm")
-        .context("the MiniLM checkpoint is not in the asset cache")?;
-    let config = config(args.tiny, minilm.clone(), args.out)?;
+    let args = Args::parse();
+    let config = config(&args)?;
+    let minilm = config
+        .init_dir()?
+        .context("the config starts from no checkpoint")?;
     let p = &config.parallel;
     println!(
         "BERT MLM fine-tuning from {} on Moby-Dick: seq_len {}, {} steps, world N = {}, \
@@ -110,9 +77,18 @@ fn main() -> Result<()> {
         config.global_batch(),
         if args.tiny { " (tiny)" } else { "" }
     );
-    println!("run directory: {}", config.output.dir.display());
+    println!(
+        "run directory: {} (device {}, precision {})",
+        config.output.dir.display(),
+        config.train.device,
+        config.train.precision
+    );
 
-    let summary = mics::train::train(&config, None).context("training failed")?;
+    let RunOutcome::Leader(summary) =
+        mics::train::train(&config, None).context("training failed")?
+    else {
+        return Ok(()); // an MPI rank other than 0
+    };
 
     for (step, loss) in summary.losses.iter().enumerate() {
         println!(

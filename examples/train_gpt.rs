@@ -1,7 +1,7 @@
 //! Train a small GPT-2 on Shakespeare's plays with MiCS, through the
 //! `mics_train` library (what `mics train` runs).
 //!
-//! The run configuration is built in code: a GPT-2 with the GPT-2 BPE
+//! The run configuration is the shipped config: a GPT-2 with the GPT-2 BPE
 //! vocabulary, trained on N in-process ranks (one thread each) whose model
 //! states are sharded over partition groups of p ranks. The trainer prepares
 //! the token shards on first use, trains with AdamW (warm-up + cosine decay),
@@ -11,100 +11,60 @@
 //! ```sh
 //! scripts/fetch-assets                                 # once: the plays and the GPT-2 tokenizer
 //! cargo run --example train_gpt -- --tiny              # 1 layer, hidden 32, 5 steps, N = 2, p = 2 (seconds)
-//! cargo run --release --example train_gpt              # 4 layers, hidden 128, 300 steps, N = 4, p = 2
+//! cargo run --release --example train_gpt              # 4 layers, hidden 128, 300 steps, N = 2, p = 2
 //! cargo run --example train_gpt -- --tiny --out runs/gpt   # write the run there
+//! cargo run --features wgpu --example train_gpt -- --tiny --device wgpu
 //! ```
 //!
-//! `MICS_EXAMPLE_TINY=1` selects the tiny settings like `--tiny`. Without
-//! `--out` the run goes to `$TMPDIR/mics-examples/train_gpt`; its checkpoint
-//! can be exported and sampled with the `load_checkpoint` example.
+//! The run is `configs/gpt2-shakespeare.toml`; every `mics train` flag
+//! overrides it. `MICS_EXAMPLE_TINY=1` selects the tiny settings like
+//! `--tiny`. Without `--out` the run goes to
+//! `$TMPDIR/mics-examples/train_gpt`; its checkpoint can be exported and
+//! sampled with the `load_checkpoint` example.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use mics::train::TrainConfig;
+use clap::Parser;
+use mics::train::{Overrides, RunOutcome, TrainConfig};
 
-const USAGE: &str = "usage: train_gpt [--tiny] [--out DIR]";
-
+/// Train a small GPT-2 on Shakespeare with MiCS (`configs/gpt2-shakespeare.toml`).
+#[derive(Parser)]
 struct Args {
+    /// Tiny settings (1 layer, hidden 32, 5 steps): seconds, for CI.
+    #[arg(long, env = "MICS_EXAMPLE_TINY", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
     tiny: bool,
-    out: PathBuf,
+    /// Every `mics train` flag (`--device wgpu`, `--world 4`, `--out DIR`, ...).
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
-fn parse_args() -> Result<Args> {
-    let mut tiny = std::env::var("MICS_EXAMPLE_TINY").is_ok_and(|v| v == "1");
-    let mut out = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--tiny" => tiny = true,
-            "--out" => out = Some(PathBuf::from(args.next().context(USAGE)?)),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument `{other}`\n{USAGE}"),
-        }
+/// The shipped config, made tiny for `--tiny`, with the command line's
+/// overrides on top.
+fn config(args: &Args) -> Result<TrainConfig> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/gpt2-shakespeare.toml");
+    let mut config = TrainConfig::load(&path)?;
+    config.output.dir = std::env::temp_dir().join("mics-examples/train_gpt");
+    if args.tiny {
+        let (m, d, t) = (&mut config.model, &mut config.data, &mut config.train);
+        (m.layers, m.hidden, m.heads) = (1, 32, 2);
+        d.seq_len = 16;
+        (t.steps, t.micro_batch, t.grad_accum) = (5, 2, 1);
+        (t.lr, t.min_lr, t.warmup_steps) = (1e-2, 1e-3, 0);
+        (
+            t.eval_every,
+            t.eval_batches,
+            t.checkpoint_every,
+            t.log_every,
+        ) = (0, 1, 0, 1);
     }
-    let out = out.unwrap_or_else(|| std::env::temp_dir().join("mics-examples/train_gpt"));
-    Ok(Args { tiny, out })
-}
-
-/// The run, written as the TOML of `mics train --config` (the same keys as
-/// `configs/gpt2-shakespeare.toml`): tiny for CI, or a small model that
-/// learns something in minutes with `--release`.
-fn config(tiny: bool, out: PathBuf) -> Result<TrainConfig> {
-    #[rustfmt::skip]
-    let (layers, hidden, heads, seq_len, steps, micro_batch, grad_accum, world, p) =
-        if tiny { (1, 32, 2, 16, 5, 2, 1, 2, 2) } else { (4, 128, 4, 64, 300, 4, 2, 4, 2) };
-    let (lr, min_lr, warmup, eval_every, eval_batches, log_every) = if tiny {
-        ("1e-2", "1e-3", 0, 0, 1, 1)
-    } else {
-        ("3e-3", "3e-4", 20, 100, 4, 20)
-    };
-    let text = format!(
-        r#"
-[model]
-type = "gpt2"
-layers = {layers}
-hidden = {hidden}
-heads = {heads}
-dropout = 0.0
-
-[data]
-corpus = "shakespeare"
-tokenizer = "gpt2"
-seq_len = {seq_len}
-
-[train]
-steps = {steps}
-micro_batch = {micro_batch}
-grad_accum = {grad_accum}
-seed = 42
-lr = {lr}
-min_lr = {min_lr}
-warmup_steps = {warmup}
-weight_decay = 0.1
-beta2 = 0.95
-grad_clip = 1.0
-eval_every = {eval_every}
-eval_batches = {eval_batches}
-log_every = {log_every}
-
-[parallel]
-world = {world}
-partition_size = {p}
-engine = "threads"
-"#
-    );
-    let mut config = TrainConfig::parse(&text, Path::new("(train_gpt example)"))?;
-    config.output.dir = out;
+    config.apply(&args.overrides);
     Ok(config)
 }
 
 fn main() -> Result<()> {
-    let args = parse_args()?;
-    let config = config(args.tiny, args.out)?;
+    let args = Args::parse();
+    let config = config(&args)?;
     let (m, p) = (&config.model, &config.parallel);
     println!(
         "GPT-2 (layers {}, hidden {}, heads {}) on Shakespeare: seq_len {}, {} steps, \
@@ -119,9 +79,18 @@ fn main() -> Result<()> {
         config.global_batch(),
         if args.tiny { " (tiny)" } else { "" }
     );
-    println!("run directory: {}", config.output.dir.display());
+    println!(
+        "run directory: {} (device {}, precision {})",
+        config.output.dir.display(),
+        config.train.device,
+        config.train.precision
+    );
 
-    let summary = mics::train::train(&config, None).context("training failed")?;
+    let RunOutcome::Leader(summary) =
+        mics::train::train(&config, None).context("training failed")?
+    else {
+        return Ok(()); // an MPI rank other than 0
+    };
 
     for (step, loss) in summary.losses.iter().enumerate() {
         println!(

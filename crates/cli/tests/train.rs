@@ -333,7 +333,53 @@ fn the_mpi_engine_without_the_feature_says_how_to_rebuild() {
         ],
         &[],
     );
-    assert_one_error_line(&output, &["without MPI", "--features mpi"]);
+    assert_one_error_line(
+        &output,
+        &["needs the `mpi` cargo feature", "--features mpi"],
+    );
+}
+
+#[test]
+fn a_device_whose_feature_was_not_built_says_how_to_rebuild() {
+    let dir = scratch("device");
+    let config = write_config(&dir, 1, 1, 2, "");
+    for (device, feature, built) in [
+        ("wgpu", "wgpu", cfg!(feature = "wgpu")),
+        ("cuda", "cuda", cfg!(feature = "cuda")),
+        ("cuda:1", "cuda", cfg!(feature = "cuda")),
+    ] {
+        if built {
+            continue;
+        }
+        let output = mics(
+            &[
+                "train",
+                "--config",
+                config.to_str().unwrap(),
+                "--device",
+                device,
+            ],
+            &[],
+        );
+        let needle = format!("needs the `{feature}` cargo feature");
+        assert_one_error_line(&output, &["--device", &needle]);
+    }
+    let output = mics(
+        &[
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--device",
+            "tpu",
+        ],
+        &[],
+    );
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("unknown device `tpu`"),
+        "{}",
+        text(&output.stderr)
+    );
 }
 
 #[test]

@@ -14,7 +14,7 @@ use mics_backend::ParamShardState;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::model::ModelSpec;
+use crate::family::ModelSpec;
 use crate::{TrainConfig, TrainError};
 
 /// `index.json`'s format version.
@@ -61,8 +61,100 @@ pub struct CheckpointIndex {
     pub params: Vec<ParamInfo>,
     /// One file per rank, in rank order.
     pub files: Vec<String>,
+    /// The dynamic loss scale (fp16 training), restored on resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<SavedLossScale>,
     /// The full configuration of the run that wrote it.
     pub config: TrainConfig,
+}
+
+/// The state of dynamic loss scaling, in `index.json` (the same on every
+/// rank).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SavedLossScale {
+    /// The current scale.
+    pub scale: f32,
+    /// Good steps in a row since it last changed.
+    pub good_steps: u32,
+    /// Steps skipped on overflow so far.
+    pub skipped_steps: u64,
+}
+
+impl From<mics_backend::LossScaleState> for SavedLossScale {
+    fn from(s: mics_backend::LossScaleState) -> Self {
+        SavedLossScale {
+            scale: s.scale,
+            good_steps: s.good_steps,
+            skipped_steps: s.skipped_steps,
+        }
+    }
+}
+
+impl From<SavedLossScale> for mics_backend::LossScaleState {
+    fn from(s: SavedLossScale) -> Self {
+        mics_backend::LossScaleState {
+            scale: s.scale,
+            good_steps: s.good_steps,
+            skipped_steps: s.skipped_steps,
+        }
+    }
+}
+
+/// A checkpoint continues only the run that wrote it: same topology, model
+/// and global batch (any device and precision: shards are f32).
+pub(crate) fn check_resume(
+    config: &TrainConfig,
+    spec: &ModelSpec,
+    dir: &Path,
+    index: &CheckpointIndex,
+) -> Result<(), TrainError> {
+    let p = &config.parallel;
+    if index.world != p.world || index.partition_size != p.partition_size {
+        return Err(TrainError::checkpoint(
+            dir,
+            format!(
+                "saved with world {} and partition size {}, this run has world {} and partition \
+                 size {}: re-sharding is not supported (export it and start with --init-from)",
+                index.world, index.partition_size, p.world, p.partition_size
+            ),
+        ));
+    }
+    if index.global_batch != config.global_batch() {
+        return Err(TrainError::checkpoint(
+            dir,
+            format!(
+                "saved with a global batch of {} sequences, this run has {} (world × micro-batch \
+                 × grad-accum): the sampler position would not match",
+                index.global_batch,
+                config.global_batch()
+            ),
+        ));
+    }
+    if index.seed != config.train.seed {
+        return Err(TrainError::checkpoint(
+            dir,
+            format!(
+                "saved with seed {}, this run has seed {}",
+                index.seed, config.train.seed
+            ),
+        ));
+    }
+    if &index.model != spec {
+        return Err(TrainError::checkpoint(
+            dir,
+            "its model configuration differs from this run's",
+        ));
+    }
+    if index.step > config.train.steps {
+        return Err(TrainError::checkpoint(
+            dir,
+            format!(
+                "already at step {}, beyond --steps {}",
+                index.step, config.train.steps
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `rank-00003.safetensors`.

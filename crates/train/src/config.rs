@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::TrainError;
+use crate::{ModelType, TrainError};
 
 /// Everything a training run needs to know. Unknown keys are errors, so a
 /// misspelt key never silently falls back to a default.
@@ -26,21 +26,11 @@ pub struct TrainConfig {
     pub output: OutputConfig,
 }
 
-/// Which model family is trained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelType {
-    /// GPT-2 (causal language modelling).
-    Gpt2,
-    /// BERT (masked language modelling).
-    Bert,
-}
-
 /// `[model]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// `gpt2` or `bert`.
+    /// `gpt2`, `bert` or `llama`.
     #[serde(rename = "type")]
     pub kind: ModelType,
     /// A Hugging Face-layout directory (`config.json` + `model.safetensors`)
@@ -134,6 +124,114 @@ pub struct OptimConfig {
     /// Print a log line every this many steps when stderr is not a terminal.
     #[serde(default = "default_log_every")]
     pub log_every: u64,
+    /// The compute device: `cpu` (NdArray, the default), `wgpu` (Burn's
+    /// wgpu backend: a GPU through Vulkan/Metal/DX12, or Mesa's lavapipe on
+    /// the CPU), `cuda` or `cuda:INDEX` (Burn's CUDA backend). `wgpu` and
+    /// `cuda` need a build with the cargo feature of that name.
+    #[serde(default)]
+    pub device: Device,
+    /// The training precision: `fp32` (default), `bf16` or `fp16`. Shards,
+    /// gradients' accumulation and optimizer moments stay f32 (master
+    /// copies); parameters are all-gathered and gradients reduced in this
+    /// type, and on a device backend forward and backward compute in it.
+    /// NdArray has no half-precision tensors: on `cpu` compute stays f32.
+    #[serde(default)]
+    pub precision: Precision,
+    /// The optimizer: `adamw` (default) or `sgd`.
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// SGD momentum (`optimizer = "sgd"`; 0 disables).
+    #[serde(default)]
+    pub momentum: f64,
+}
+
+/// A compute device (`train.device`, `--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Device {
+    /// NdArray on the CPU.
+    #[default]
+    Cpu,
+    /// Burn's wgpu backend (CubeCL), its default adapter.
+    Wgpu,
+    /// Burn's CUDA backend (CubeCL), GPU `index`.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "wgpu" => Ok(Device::Wgpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    format!("unknown device `{other}` (expected cpu, wgpu, cuda or cuda:INDEX)")
+                }),
+        }
+    }
+}
+
+impl TryFrom<String> for Device {
+    type Error = String;
+    fn try_from(s: String) -> Result<Device, String> {
+        s.parse()
+    }
+}
+
+impl From<Device> for String {
+    fn from(d: Device) -> String {
+        d.to_string()
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Wgpu => f.write_str("wgpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// The training precision (`train.precision`, `--precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 everywhere.
+    #[default]
+    Fp32,
+    /// bfloat16 compute and collectives, f32 master weights and moments.
+    Bf16,
+    /// IEEE half compute and collectives, f32 master weights and moments,
+    /// dynamic loss scaling.
+    Fp16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        })
+    }
+}
+
+/// The optimizer (`train.optimizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// AdamW (decoupled weight decay), Burn's rule.
+    #[default]
+    Adamw,
+    /// SGD with optional momentum and weight decay, Burn's rule.
+    Sgd,
 }
 
 /// Which communication engine runs the ranks.
@@ -185,6 +283,20 @@ pub struct ParallelConfig {
     /// Collective timeout in seconds.
     #[serde(default = "default_timeout")]
     pub timeout_s: u64,
+    /// Reduce-scatter gradients during backward, as soon as each is complete
+    /// (the default), or only once backward has returned (for measuring the
+    /// overlap; the results are the same).
+    #[serde(default = "yes")]
+    pub reduce_in_backward: bool,
+    /// An artificial latency added to every collective of the threads
+    /// engine, in microseconds, as a network would (benchmarks only).
+    #[serde(default)]
+    pub latency_us: u64,
+    /// Set when the world size came from the command line (`--world`): a
+    /// launcher (`mpirun`) then must agree with it; otherwise the
+    /// launcher's size is taken.
+    #[serde(skip)]
+    pub world_from_flag: bool,
 }
 
 impl Default for ParallelConfig {
@@ -196,6 +308,9 @@ impl Default for ParallelConfig {
             engine: EngineKind::Threads,
             prefetch_depth: default_prefetch_depth(),
             timeout_s: default_timeout(),
+            reduce_in_backward: true,
+            latency_us: 0,
+            world_from_flag: false,
         }
     }
 }
@@ -223,6 +338,9 @@ impl Default for OutputConfig {
 
 fn one() -> usize {
     1
+}
+fn yes() -> bool {
+    true
 }
 fn default_layers() -> usize {
     2
@@ -270,41 +388,75 @@ fn default_out() -> PathBuf {
     PathBuf::from("runs/latest")
 }
 
-/// Command-line values that replace the config file's.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Command-line values that replace the config file's: one flag per key
+/// (`mics train --help` lists them).
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
 pub struct Overrides {
-    /// `--world`.
+    /// Ranks N (`parallel.world`; under mpirun, the launcher's by default).
+    #[arg(long)]
     pub world: Option<usize>,
-    /// `--partition-size`.
+    /// Partition size p, dividing N (`parallel.partition_size`).
+    #[arg(long)]
     pub partition_size: Option<usize>,
-    /// `--ranks-per-node`.
+    /// Ranks per node k, dividing N (`parallel.ranks_per_node`).
+    #[arg(long)]
     pub ranks_per_node: Option<usize>,
-    /// `--grad-accum`.
+    /// Micro-steps accumulated per optimizer step s (`train.grad_accum`).
+    #[arg(long)]
     pub grad_accum: Option<usize>,
-    /// `--micro-batch`.
+    /// Sequences per rank per micro-step b (`train.micro_batch`).
+    #[arg(long)]
     pub micro_batch: Option<usize>,
-    /// `--steps`.
+    /// Total optimizer steps; a resumed run continues up to this (`train.steps`).
+    #[arg(long)]
     pub steps: Option<u64>,
-    /// `--seed`.
+    /// Seed of initialisation, sampling, masking and dropout (`train.seed`).
+    #[arg(long)]
     pub seed: Option<u64>,
-    /// `--dropout`.
+    /// Dropout probability, 0 disables (`model.dropout`).
+    #[arg(long)]
     pub dropout: Option<f64>,
-    /// `--out`.
+    /// The run directory (`output.dir`).
+    #[arg(long)]
     pub out: Option<PathBuf>,
-    /// `--metrics`.
+    /// The metrics file, JSON lines (`output.metrics`; default `<out>/metrics.jsonl`).
+    #[arg(long)]
     pub metrics: Option<PathBuf>,
-    /// `--engine`.
+    /// `threads` (in-process, default), `mpi` (under mpirun, built with
+    /// `--features mpi`) or `nccl` (built with `--features cuda`) (`parallel.engine`).
+    #[arg(long)]
     pub engine: Option<EngineKind>,
-    /// `--init-from`.
+    /// Start from this Hugging Face-layout checkpoint directory, or
+    /// `asset:NAME` (`model.init_from`).
+    #[arg(long)]
     pub init_from: Option<PathBuf>,
-    /// `--lr`.
+    /// Peak learning rate (`train.lr`).
+    #[arg(long)]
     pub lr: Option<f64>,
-    /// `--eval-every`.
+    /// Steps of linear warm-up, at most `train.steps` (`train.warmup_steps`).
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// Evaluate every this many steps (`train.eval_every`).
+    #[arg(long)]
     pub eval_every: Option<u64>,
-    /// `--checkpoint-every`.
+    /// Write a sharded checkpoint every this many steps (`train.checkpoint_every`).
+    #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// `--dataset`.
+    /// The token-shard directory, prepared there when missing (`data.dataset`).
+    #[arg(long)]
     pub dataset: Option<PathBuf>,
+    /// `cpu`, `wgpu`, `cuda` or `cuda:INDEX` (`train.device`).
+    #[arg(long)]
+    pub device: Option<Device>,
+    /// `fp32`, `bf16` or `fp16` (`train.precision`).
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+    /// Reduce gradients only after backward, not during it (`parallel.reduce_in_backward = false`).
+    #[arg(long)]
+    pub no_overlap: bool,
+    /// Artificial latency per collective of the threads engine, µs (`parallel.latency_us`).
+    #[arg(long)]
+    pub latency_us: Option<u64>,
 }
 
 impl TrainConfig {
@@ -349,6 +501,11 @@ impl TrainConfig {
     pub fn apply(&mut self, o: &Overrides) {
         let p = &mut self.parallel;
         set(&mut p.world, o.world);
+        p.world_from_flag |= o.world.is_some();
+        if o.no_overlap {
+            p.reduce_in_backward = false;
+        }
+        set(&mut p.latency_us, o.latency_us);
         set(&mut p.partition_size, o.partition_size);
         if o.ranks_per_node.is_some() {
             p.ranks_per_node = o.ranks_per_node;
@@ -360,8 +517,11 @@ impl TrainConfig {
         set(&mut t.steps, o.steps);
         set(&mut t.seed, o.seed);
         set(&mut t.lr, o.lr);
+        set(&mut t.warmup_steps, o.warmup_steps);
         set(&mut t.eval_every, o.eval_every);
         set(&mut t.checkpoint_every, o.checkpoint_every);
+        set(&mut t.device, o.device);
+        set(&mut t.precision, o.precision);
         set(&mut self.model.dropout, o.dropout);
         if o.init_from.is_some() {
             self.model.init_from = o.init_from.clone();
@@ -418,6 +578,44 @@ impl TrainConfig {
         }
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return bad("train.lr", format!("{} is not a positive number", t.lr));
+        }
+        if !(t.min_lr.is_finite() && (0.0..=t.lr).contains(&t.min_lr)) {
+            return bad(
+                "train.min_lr",
+                format!("{} is not in [0, train.lr = {}]", t.min_lr, t.lr),
+            );
+        }
+        if t.warmup_steps > t.steps {
+            return bad(
+                "train.warmup_steps",
+                format!("{} is more than train.steps = {}", t.warmup_steps, t.steps),
+            );
+        }
+        for (key, value) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                return bad(key, format!("{value} is not in [0, 1)"));
+            }
+        }
+        if !(t.eps.is_finite() && t.eps > 0.0) {
+            return bad("train.eps", format!("{} is not a positive number", t.eps));
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return bad(
+                "train.weight_decay",
+                format!("{} is not a number >= 0", t.weight_decay),
+            );
+        }
+        if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
+            return bad(
+                "train.grad_clip",
+                format!("{} is not a number >= 0 (0 disables clipping)", t.grad_clip),
+            );
+        }
+        if !(t.momentum.is_finite() && (0.0..1.0).contains(&t.momentum)) {
+            return bad("train.momentum", format!("{} is not in [0, 1)", t.momentum));
+        }
+        if p.timeout_s == 0 {
+            return bad("parallel.timeout_s", "must be at least 1 second".into());
         }
         if !(0.0..1.0).contains(&self.model.dropout) {
             return bad(

@@ -43,24 +43,62 @@
 
 mod checkpoint;
 mod config;
+mod device;
+mod eval;
 mod export;
+pub mod families;
+mod family;
+mod launch;
 mod metrics;
-mod model;
-mod run;
+mod optim;
 mod schedule;
+mod summary;
+mod task;
+mod trainer;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use checkpoint::{CheckpointIndex, resolve_checkpoint};
 pub use config::{
-    DataConfig, EngineKind, ModelConfig, ModelType, OptimConfig, OutputConfig, Overrides,
-    ParallelConfig, TrainConfig,
+    DataConfig, Device, EngineKind, ModelConfig, OptimConfig, OptimizerKind, OutputConfig,
+    Overrides, ParallelConfig, Precision, TrainConfig,
 };
+pub use device::{BackendTask, TrainBackend, param_values, with_backend};
 pub use export::export;
+pub use family::{Head, ModelFamily, ModelSpec, ModelType};
 pub use metrics::{StepMetrics, read_metrics};
-pub use model::ModelSpec;
-pub use run::{NOT_RANK_ZERO, TrainSummary, train};
 pub use schedule::learning_rate;
+pub use summary::TrainSummary;
+pub use task::{Batch, Task, TaskKind};
+
+/// How a run ended on this process: rank 0 reports the run, the other ranks
+/// of an MPI job only that they finished their part.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunOutcome {
+    /// This process ran rank 0 (or every rank, in-process): the run's summary.
+    Leader(Box<TrainSummary>),
+    /// This process ran another rank, which finished; rank 0 reports.
+    Follower {
+        /// The rank this process ran.
+        rank: usize,
+    },
+}
+
+/// Runs `config` to `config.train.steps` optimizer steps, from the checkpoint
+/// `resume` (a checkpoint or run directory) when given, on the configured
+/// device, engine and precision. Any rank's failure is an error naming the
+/// rank.
+pub fn train(config: &TrainConfig, resume: Option<&Path>) -> Result<RunOutcome, TrainError> {
+    config.validate()?;
+    // A device this build lacks, or a type it has not: an error before any work.
+    struct Nothing;
+    impl BackendTask for Nothing {
+        type Output = ();
+        fn run<B: TrainBackend>(self, _: B::Device) {}
+    }
+    with_backend(config.train.device, config.train.precision, Nothing)?;
+    launch::launch(config, resume)
+}
 
 /// Everything that can stop a run, each naming the file, key, value or rank
 /// at fault. One line each.
@@ -107,7 +145,7 @@ pub enum TrainError {
         /// The error.
         problem: String,
     },
-    /// Another rank failed; this rank stopped with it.
+    /// A rank failed: its own error, reported by the launcher for the run.
     #[error("rank {rank}: {message}")]
     Rank {
         /// The rank that failed first.
@@ -115,9 +153,47 @@ pub enum TrainError {
         /// Its error.
         message: String,
     },
-    /// The requested engine is not in this build or cannot start.
+    /// This rank stopped because other ranks failed (their errors are
+    /// reported by those ranks).
+    #[error("rank {rank} stopped: {failed} other rank(s) failed")]
+    PeerFailed {
+        /// This rank.
+        rank: usize,
+        /// How many ranks reported a failure.
+        failed: usize,
+    },
+    /// The engine cannot start, or lost a rank.
     #[error("engine: {0}")]
     Engine(String),
+    /// The training loss became infinite or NaN.
+    #[error(
+        "train.lr: the training loss is {loss} at step {step}: the run diverged (lower the \
+         learning rate, raise warm-up or clipping, or check the data)"
+    )]
+    Diverged {
+        /// The step (1-based) whose loss is not finite.
+        step: u64,
+        /// The loss.
+        loss: f64,
+    },
+    /// The compute device is not available.
+    #[error("device {device}: {problem}")]
+    Device {
+        /// The device asked for (`--device`).
+        device: String,
+        /// Why it cannot be used.
+        problem: String,
+    },
+    /// This build lacks a cargo feature the run needs.
+    #[error(
+        "{what} needs the `{feature}` cargo feature: rebuild with `cargo build --release --features {feature}`"
+    )]
+    FeatureMissing {
+        /// What was asked for.
+        what: String,
+        /// The feature.
+        feature: &'static str,
+    },
 }
 
 // Plain `From`s rather than thiserror's `#[from]`, which would also make the

@@ -1,12 +1,13 @@
-//! `mics embed`: sentence embeddings from a BERT checkpoint.
+//! `mics embed`: sentence embeddings from a BERT checkpoint, on any device.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use mics_bert::{BertModel, pad_batch};
 use mics_hub::TextTokenizer;
+use mics_train::{BackendTask, Device, Precision, TrainBackend};
 
-use super::logits::{Cpu, check_model_type};
+use super::logits::check_model_type;
 
 /// Arguments of `mics embed`.
 #[derive(clap::Args)]
@@ -18,6 +19,9 @@ pub struct Args {
     /// The texts to embed.
     #[arg(required = true)]
     pub texts: Vec<String>,
+    /// `cpu` (default), `wgpu`, `cuda` or `cuda:INDEX`.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 /// Prints one JSON object per text, one per line:
@@ -33,32 +37,47 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// The output lines of `mics embed`.
 fn embed(args: &Args) -> anyhow::Result<Vec<serde_json::Value>> {
     check_model_type(&args.model, &["bert"])?;
-    let device = Default::default();
-    let (model, _) = BertModel::<Cpu>::load(&args.model, &device)?;
     let tokenizer = TextTokenizer::from_dir(&args.model)?;
-    let limit = model.config.max_position_embeddings;
     let ids = args
         .texts
         .iter()
-        .map(|text| {
-            let ids = tokenizer.encode(text, true)?;
-            if ids.len() > limit {
-                bail!(
-                    "text {text:?} is {} tokens long, more than the model's {limit} positions",
-                    ids.len()
-                );
-            }
-            Ok(ids)
-        })
+        .map(|text| Ok(tokenizer.encode(text, true)?))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let hidden = model.config.hidden_size;
-    let (input, mask) = pad_batch::<Cpu>(&ids, model.config.pad_token_id, &device);
-    let embeddings: Vec<f32> = model
-        .sentence_embeddings(input, mask)
-        .into_data()
-        .to_vec()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-        .context("reading the embeddings")?;
+    struct Embed<'a> {
+        dir: &'a Path,
+        texts: &'a [String],
+        ids: &'a [Vec<u32>],
+    }
+    impl BackendTask for Embed<'_> {
+        type Output = anyhow::Result<(Vec<f32>, usize)>;
+        fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
+            let (model, _) = BertModel::<B>::load(self.dir, &device)?;
+            let limit = model.config.max_position_embeddings;
+            for (text, ids) in self.texts.iter().zip(self.ids) {
+                if ids.len() > limit {
+                    bail!(
+                        "text {text:?} is {} tokens long, more than the model's {limit} positions",
+                        ids.len()
+                    );
+                }
+            }
+            let (input, mask) = pad_batch::<B>(self.ids, model.config.pad_token_id, &device);
+            let embeddings: Vec<f32> = model
+                .sentence_embeddings(input, mask)
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+                .context("reading the embeddings")?;
+            Ok((embeddings, model.config.hidden_size))
+        }
+    }
+    let task = Embed {
+        dir: &args.model,
+        texts: &args.texts,
+        ids: &ids,
+    };
+    let (embeddings, hidden) = mics_train::with_backend(args.device, Precision::Fp32, task)??;
     Ok(args
         .texts
         .iter()
@@ -79,6 +98,7 @@ mod tests {
         Args {
             model,
             texts: texts.iter().map(|t| t.to_string()).collect(),
+            device: Device::Cpu,
         }
     }
 

@@ -1,12 +1,15 @@
-//! `mics generate`: sample text from a GPT-2 checkpoint.
+//! `mics generate`: sample text from a GPT-2 or Llama checkpoint, on any
+//! device.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 use mics_gpt::{GenerateOptions, Gpt2LMHeadModel};
 use mics_hub::TextTokenizer;
+use mics_llama::LlamaForCausalLM;
+use mics_train::{BackendTask, Device, Precision, TrainBackend};
 
-use super::logits::{Cpu, check_model_type};
+use super::logits::check_model_type;
 
 /// Arguments of `mics generate`.
 #[derive(clap::Args)]
@@ -30,10 +33,13 @@ pub struct Args {
     /// Seed of the sampler (random when absent).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Directory with the GPT-2 tokenizer (`vocab.json` + `merges.txt`, or
-    /// `encoder.json` + `vocab.bpe`, or `tokenizer.json`); defaults to `--model`.
+    /// Directory with the tokenizer (`tokenizer.json`, or GPT-2's
+    /// `vocab.json` + `merges.txt` / `encoder.json` + `vocab.bpe`); defaults to `--model`.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// `cpu` (default), `wgpu`, `cuda` or `cuda:INDEX`.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 /// Prints the prompt followed by the generated continuation.
@@ -53,22 +59,11 @@ fn generate(args: &Args) -> anyhow::Result<String> {
     if args.top_k == Some(0) {
         bail!("--top-k must be at least 1");
     }
-    check_model_type(&args.model, &["gpt2"])?;
+    let model_type = check_model_type(&args.model, &["gpt2", "llama"])?;
     let tokenizer = TextTokenizer::from_dir(args.tokenizer.as_ref().unwrap_or(&args.model))?;
-    let device = Default::default();
-    let (model, _) = Gpt2LMHeadModel::<Cpu>::load(&args.model, &device)?;
     let prompt = tokenizer.encode(&args.prompt, false)?;
     if prompt.is_empty() {
         bail!("--prompt is empty");
-    }
-    if let Some(bad) = prompt
-        .iter()
-        .find(|&&id| id as usize >= model.config.vocab_size)
-    {
-        bail!(
-            "the tokenizer gives id {bad}, outside the model's vocabulary of {} tokens",
-            model.config.vocab_size
-        );
     }
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -82,10 +77,48 @@ fn generate(args: &Args) -> anyhow::Result<String> {
         top_k: args.top_k,
         seed,
     };
-    let new = model.generate(&prompt, &options, &device);
+    struct Generate<'a> {
+        llama: bool,
+        dir: &'a Path,
+        prompt: &'a [u32],
+        options: GenerateOptions,
+    }
+    impl BackendTask for Generate<'_> {
+        type Output = anyhow::Result<Vec<u32>>;
+        fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
+            let (vocab, new) = if self.llama {
+                let (model, _) = LlamaForCausalLM::<B>::load(self.dir, &device)?;
+                let vocab = model.config.vocab_size;
+                check_vocab(self.prompt, vocab)?;
+                (vocab, model.generate(self.prompt, &self.options, &device))
+            } else {
+                let (model, _) = Gpt2LMHeadModel::<B>::load(self.dir, &device)?;
+                let vocab = model.config.vocab_size;
+                check_vocab(self.prompt, vocab)?;
+                (vocab, model.generate(self.prompt, &self.options, &device))
+            };
+            debug_assert!(new.iter().all(|&id| (id as usize) < vocab));
+            Ok(new)
+        }
+    }
+    let task = Generate {
+        llama: model_type == "llama",
+        dir: &args.model,
+        prompt: &prompt,
+        options,
+    };
+    let new = mics_train::with_backend(args.device, Precision::Fp32, task)??;
     let mut all = prompt;
     all.extend(new);
     Ok(tokenizer.decode(&all)?)
+}
+
+/// Every prompt id must be in the model's vocabulary.
+fn check_vocab(prompt: &[u32], vocab: usize) -> anyhow::Result<()> {
+    if let Some(bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+        bail!("the tokenizer gives id {bad}, outside the model's vocabulary of {vocab} tokens");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -104,6 +137,7 @@ mod tests {
             top_k: Some(40),
             seed: Some(3),
             tokenizer: None,
+            device: Device::Cpu,
         }
     }
 

@@ -1,18 +1,13 @@
-//! `mics logits`: the logits of a token sequence (GPT-2: next token; BERT: masked LM).
+//! `mics logits`: the logits of a token sequence (GPT-2, Llama: next token;
+//! BERT: masked LM), on any device.
 //!
-//! Also holds what the three model commands share: the CPU backend and the
-//! `model_type` check.
+//! Also holds what the three model commands share: the `model_type` check.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
-use mics_bert::BertForMaskedLM;
-use mics_gpt::Gpt2LMHeadModel;
-
-/// The backend of the model commands.
-pub(crate) type Cpu = NdArray<f32>;
+use mics_train::{BackendTask, Device, ModelFamily, ModelType, Precision, TrainBackend};
 
 /// Reads `model_type` from `dir/config.json` and checks it is one of `accepted`.
 pub(crate) fn check_model_type(dir: &Path, accepted: &[&str]) -> anyhow::Result<String> {
@@ -37,6 +32,9 @@ pub struct Args {
     /// Comma-separated token ids, e.g. `5,17,88`.
     #[arg(long)]
     pub ids: String,
+    /// `cpu` (default), `wgpu`, `cuda` or `cuda:INDEX`.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 /// Parses `5,17,88` into ids.
@@ -65,49 +63,67 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// The output object of `mics logits`.
 fn logits(args: &Args) -> anyhow::Result<serde_json::Value> {
     let ids = parse_ids(&args.ids)?;
-    let model_type = check_model_type(&args.model, &["gpt2", "bert"])?;
-    let device = Default::default();
-    let check = |vocab: usize, positions: usize| -> anyhow::Result<()> {
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            bail!("--ids: id {bad} is outside the vocabulary of {vocab} tokens");
+    let model_type = check_model_type(&args.model, &["gpt2", "bert", "llama"])?;
+    let kind: ModelType = serde_json::from_value(serde_json::Value::String(model_type))?;
+    struct Logits<'a> {
+        kind: ModelType,
+        dir: &'a Path,
+        ids: &'a [u32],
+    }
+    impl BackendTask for Logits<'_> {
+        type Output = anyhow::Result<(Vec<f32>, usize)>;
+        fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
+            mics_train::with_family!(self.kind, |F| logits_of::<F, B>(
+                self.dir, self.ids, &device
+            ))
         }
-        if ids.len() > positions {
-            bail!(
-                "--ids: {} ids are more than the model's {positions} positions",
-                ids.len()
-            );
-        }
-        Ok(())
+    }
+    let task = Logits {
+        kind,
+        dir: &args.model,
+        ids: &ids,
     };
-    let input = || {
-        let values: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
-        Tensor::<Cpu, 2, Int>::from_data(TensorData::new(values, [1, ids.len()]), &device)
-    };
-    let (logits, vocab) = if model_type == "gpt2" {
-        let (model, _) = Gpt2LMHeadModel::<Cpu>::load(&args.model, &device)?;
-        check(model.config.vocab_size, model.config.n_positions)?;
-        (model.forward(input()), model.config.vocab_size)
-    } else {
-        let (model, report) = BertForMaskedLM::<Cpu>::load(&args.model, &device)?;
-        check(
-            model.bert.config.vocab_size,
-            model.bert.config.max_position_embeddings,
-        )?;
-        if !report.initialised.is_empty() {
-            eprintln!(
-                "warning: not in the checkpoint, randomly initialised: {}",
-                report.initialised.join(", ")
-            );
-        }
-        (model.forward(input(), None), model.bert.config.vocab_size)
-    };
-    let values: Vec<f32> = logits
+    let (values, vocab) = mics_train::with_backend(args.device, Precision::Fp32, task)??;
+    let rows: Vec<&[f32]> = values.chunks(vocab).collect();
+    Ok(serde_json::json!({ "ids": ids, "logits": rows }))
+}
+
+/// The logits of `ids` under the model of family `F` in `dir`, on `B`, and
+/// the vocabulary size.
+fn logits_of<F: ModelFamily, B: TrainBackend>(
+    dir: &Path,
+    ids: &[u32],
+    device: &B::Device,
+) -> anyhow::Result<(Vec<f32>, usize)> {
+    let config = mics_hub::config::read_config::<serde_json::Value>(dir)?;
+    let config = F::from_json(config)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("config.json").display()))?;
+    let (vocab, positions) = (F::vocab_size(&config), F::max_positions(&config));
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        bail!("--ids: id {bad} is outside the vocabulary of {vocab} tokens");
+    }
+    if ids.len() > positions {
+        bail!(
+            "--ids: {} ids are more than the model's {positions} positions",
+            ids.len()
+        );
+    }
+    let (model, report) = F::load::<B>(dir, device)?;
+    if !report.initialised.is_empty() {
+        eprintln!(
+            "warning: not in the checkpoint, randomly initialised: {}",
+            report.initialised.join(", ")
+        );
+    }
+    let values: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(values, [1, ids.len()]), device);
+    let values: Vec<f32> = F::logits(&model, input)
         .into_data()
+        .convert::<f32>()
         .to_vec()
         .map_err(|e| anyhow::anyhow!("{e:?}"))
         .context("reading the logits")?;
-    let rows: Vec<&[f32]> = values.chunks(vocab).collect();
-    Ok(serde_json::json!({ "ids": ids, "logits": rows }))
+    Ok((values, vocab))
 }
 
 #[cfg(test)]
@@ -125,6 +141,7 @@ mod tests {
         logits(&Args {
             model,
             ids: ids.into(),
+            device: Device::Cpu,
         })
     }
 
