@@ -288,6 +288,10 @@ pub struct ParallelConfig {
     /// overlap; the results are the same).
     #[serde(default = "yes")]
     pub reduce_in_backward: bool,
+    /// Gradient bucket size in MiB: gradients are reduce-scattered a bucket
+    /// at a time, as each fills during backward (0: one parameter a bucket).
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: usize,
     /// An artificial latency added to every collective of the threads
     /// engine, in microseconds, as a network would (benchmarks only).
     #[serde(default)]
@@ -309,6 +313,7 @@ impl Default for ParallelConfig {
             prefetch_depth: default_prefetch_depth(),
             timeout_s: default_timeout(),
             reduce_in_backward: true,
+            bucket_mb: default_bucket_mb(),
             latency_us: 0,
             world_from_flag: false,
         }
@@ -341,6 +346,9 @@ fn one() -> usize {
 }
 fn yes() -> bool {
     true
+}
+fn default_bucket_mb() -> usize {
+    32
 }
 fn default_layers() -> usize {
     2
@@ -416,6 +424,18 @@ pub struct Overrides {
     /// Dropout probability, 0 disables (`model.dropout`).
     #[arg(long)]
     pub dropout: Option<f64>,
+    /// Blocks of a model trained from scratch (`model.layers`).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Hidden width of a model trained from scratch (`model.hidden`).
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Attention heads of a model trained from scratch (`model.heads`).
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Tokens per training sequence (`data.seq_len`).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
     /// The run directory (`output.dir`).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -457,6 +477,9 @@ pub struct Overrides {
     /// Artificial latency per collective of the threads engine, µs (`parallel.latency_us`).
     #[arg(long)]
     pub latency_us: Option<u64>,
+    /// Gradient bucket size in MiB (`parallel.bucket_mb`).
+    #[arg(long)]
+    pub bucket_mb: Option<usize>,
 }
 
 impl TrainConfig {
@@ -506,6 +529,7 @@ impl TrainConfig {
             p.reduce_in_backward = false;
         }
         set(&mut p.latency_us, o.latency_us);
+        set(&mut p.bucket_mb, o.bucket_mb);
         set(&mut p.partition_size, o.partition_size);
         if o.ranks_per_node.is_some() {
             p.ranks_per_node = o.ranks_per_node;
@@ -523,6 +547,10 @@ impl TrainConfig {
         set(&mut t.device, o.device);
         set(&mut t.precision, o.precision);
         set(&mut self.model.dropout, o.dropout);
+        set(&mut self.model.layers, o.layers);
+        set(&mut self.model.hidden, o.hidden);
+        set(&mut self.model.heads, o.heads);
+        set(&mut self.data.seq_len, o.seq_len);
         if o.init_from.is_some() {
             self.model.init_from = o.init_from.clone();
         }

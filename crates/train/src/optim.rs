@@ -34,7 +34,12 @@ impl<B: TrainBackend> Optim<B> {
     /// The optimizer of `t` over `runtime`'s shards: global-norm clipping
     /// when `grad_clip > 0` (the norm tracked for the metrics either way),
     /// dynamic loss scaling in fp16.
-    pub fn new(t: &OptimConfig, precision: Precision, runtime: &Arc<MicsRuntime>) -> Optim<B> {
+    pub fn new(
+        t: &OptimConfig,
+        precision: Precision,
+        bucket_bytes: usize,
+        runtime: &Arc<MicsRuntime>,
+    ) -> Optim<B> {
         let scaling = match precision {
             Precision::Fp16 => LossScale::dynamic(),
             Precision::Fp32 | Precision::Bf16 => LossScale::None,
@@ -43,8 +48,12 @@ impl<B: TrainBackend> Optim<B> {
             o: ShardedOptimizer<B, O>,
             scaling: LossScale,
             clip: f32,
+            bucket_bytes: usize,
         ) -> ShardedOptimizer<B, O> {
-            let o = o.with_grad_norm_tracking().with_loss_scale(scaling);
+            let o = o
+                .with_grad_norm_tracking()
+                .with_loss_scale(scaling)
+                .with_bucket_bytes(bucket_bytes);
             if clip > 0.0 {
                 o.with_grad_clip_norm(clip)
             } else {
@@ -62,6 +71,7 @@ impl<B: TrainBackend> Optim<B> {
                     ShardedOptimizer::adamw(&config, runtime),
                     scaling,
                     t.grad_clip,
+                    bucket_bytes,
                 ))
             }
             OptimizerKind::Sgd => {
@@ -78,6 +88,7 @@ impl<B: TrainBackend> Optim<B> {
                     ShardedOptimizer::sgd(&config, runtime),
                     scaling,
                     t.grad_clip,
+                    bucket_bytes,
                 ))
             }
         }

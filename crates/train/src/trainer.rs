@@ -148,7 +148,8 @@ where
         })();
         let (model, data, states) = agree(&comm, setup)?;
         let mut model = shard_module(model, &runtime, ShardInit::Identical);
-        let mut optim = Optim::<B>::new(&c.train, c.train.precision, &runtime);
+        let bucket_bytes = p.bucket_mb << 20;
+        let mut optim = Optim::<B>::new(&c.train, c.train.precision, bucket_bytes, &runtime);
         let (start, tokens_seen) = match (&ctx.resume, states) {
             (Some((dir, index)), Some(states)) => {
                 let imported = optim.import_state(model, states).map_err(|e| {
