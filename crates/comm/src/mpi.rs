@@ -99,14 +99,15 @@ use crate::communicator::{Input, OpDesc, WireDesc, check_matching, validate_loca
 use crate::reduce::{concat, reduce_range};
 use crate::stats::ring_bytes;
 use crate::work::AbortFn;
+use crate::worker::Issuer;
 use crate::{
     Buffer, CollectiveKind, CommError, CommStats, Communicator, Fingerprint, ReduceOp, SentBytes,
     Work,
 };
 
 /// Default time a collective waits for the other ranks before the job is
-/// aborted.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// aborted (the same in every engine).
+pub use crate::worker::DEFAULT_TIMEOUT;
 
 /// Environment variable that imposes a number of ranks per node.
 pub const RANKS_PER_NODE_ENV: &str = "MICS_RANKS_PER_NODE";
@@ -311,9 +312,8 @@ pub struct MpiComm {
     world_ranks: Vec<usize>,
     nodes: Vec<usize>,
     threading: Threading,
-    /// Next sequence number; held while queueing so that sequence order is
-    /// queue order.
-    next_seq: Mutex<u64>,
+    /// Sequence numbers and the queue to the communication thread.
+    issuer: Issuer<Msg>,
     stats: Arc<Mutex<CommStats>>,
 }
 
@@ -350,13 +350,13 @@ impl MpiComm {
         threading: Threading,
     ) -> MpiComm {
         MpiComm {
+            issuer: Issuer::new(shared.tx.clone()),
             shared,
             id,
             rank,
             world_ranks,
             nodes,
             threading,
-            next_seq: Mutex::new(0),
             stats: Arc::new(Mutex::new(CommStats::default())),
         }
     }
@@ -374,14 +374,9 @@ impl MpiComm {
 
     /// Queues `job` with the next sequence number.
     fn queue(&self, make: impl FnOnce(u64) -> Job) -> Result<u64, CommError> {
-        let mut seq = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
-        let this = *seq;
-        *seq += 1;
-        self.shared
-            .tx
-            .send(Msg::Job(make(this)))
-            .map_err(|_| engine_error("the communication thread is gone"))?;
-        Ok(this)
+        self.issuer
+            .issue(|seq| Msg::Job(make(seq)))
+            .map_err(|_| engine_error("the communication thread is gone"))
     }
 
     fn submit(&self, desc: OpDesc, input: Input) -> Work {
