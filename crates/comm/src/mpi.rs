@@ -651,6 +651,31 @@ fn truncated(buffer: Buffer, len: usize) -> Buffer {
     }
 }
 
+/// One MPI transfer of a collective, on host buffers of one element type.
+enum Transfer<'b> {
+    /// `MPI_Iallgather` of `send` into `recv` (`p` times as long).
+    AllGather {
+        send: &'b Buffer,
+        recv: &'b mut Buffer,
+    },
+    /// `MPI_Ialltoall` of `send` into `recv` (as long).
+    AllToAll {
+        send: &'b Buffer,
+        recv: &'b mut Buffer,
+    },
+    /// `MPI_Ibcast` of `data`, in place, from `root`.
+    Broadcast { data: &'b mut Buffer, root: usize },
+}
+
+impl Transfer<'_> {
+    fn dtype(&self) -> crate::DType {
+        match self {
+            Transfer::AllGather { send, .. } | Transfer::AllToAll { send, .. } => send.dtype(),
+            Transfer::Broadcast { data, .. } => data.dtype(),
+        }
+    }
+}
+
 /// The largest element count one MPI call takes (counts are C ints).
 const MAX_COUNT: usize = i32::MAX as usize;
 
@@ -864,32 +889,55 @@ impl Ctx {
         }
     }
 
+    /// Starts one MPI transfer of raw units (`u32` for 4-byte elements,
+    /// `u16` for 2-byte ones) and polls it to completion.
+    fn transfer(
+        &self,
+        comm: &SimpleCommunicator,
+        transfer: Transfer<'_>,
+        at: (CollectiveKind, u64, Instant),
+    ) {
+        fn go<U: Unit>(
+            ctx: &Ctx,
+            comm: &SimpleCommunicator,
+            transfer: Transfer<'_>,
+            at: (CollectiveKind, u64, Instant),
+        ) {
+            ::mpi::request::scope(|scope| {
+                let request = match transfer {
+                    Transfer::AllGather { send, recv } => comm.immediate_all_gather_into(
+                        scope,
+                        units::<U>(send),
+                        units_mut::<U>(recv),
+                    ),
+                    Transfer::AllToAll { send, recv } => comm.immediate_all_to_all_into(
+                        scope,
+                        units::<U>(send),
+                        units_mut::<U>(recv),
+                    ),
+                    Transfer::Broadcast { data, root } => comm
+                        .process_at_rank(root as c_int)
+                        .immediate_broadcast_into(scope, units_mut::<U>(data)),
+                };
+                ctx.poll(request, at.0, at.1, at.2);
+            });
+        }
+        match transfer.dtype().size() {
+            4 => go::<u32>(self, comm, transfer, at),
+            _ => go::<u16>(self, comm, transfer, at),
+        }
+    }
+
     fn all_gather(
         &self,
         comm: &SimpleCommunicator,
         input: &Buffer,
         at: (CollectiveKind, u64, Instant),
     ) -> Buffer {
-        fn go<U: Unit>(
-            ctx: &Ctx,
-            comm: &SimpleCommunicator,
-            input: &Buffer,
-            out: &mut Buffer,
-            at: (CollectiveKind, u64, Instant),
-        ) {
-            let send = units::<U>(input);
-            let recv = units_mut::<U>(out);
-            ::mpi::request::scope(|scope| {
-                let request = comm.immediate_all_gather_into(scope, send, recv);
-                ctx.poll(request, at.0, at.1, at.2);
-            });
-        }
         let size = comm.size() as usize;
         let mut out = Buffer::zeros(input.dtype(), input.len() * size);
-        match input.dtype().size() {
-            4 => go::<u32>(self, comm, input, &mut out, at),
-            _ => go::<u16>(self, comm, input, &mut out, at),
-        }
+        let recv = &mut out;
+        self.transfer(comm, Transfer::AllGather { send: input, recv }, at);
         out
     }
 
@@ -902,26 +950,10 @@ impl Ctx {
         op: ReduceOp,
         at: (CollectiveKind, u64, Instant),
     ) -> Buffer {
-        fn go<U: Unit>(
-            ctx: &Ctx,
-            comm: &SimpleCommunicator,
-            input: &Buffer,
-            out: &mut Buffer,
-            at: (CollectiveKind, u64, Instant),
-        ) {
-            let send = units::<U>(input);
-            let recv = units_mut::<U>(out);
-            ::mpi::request::scope(|scope| {
-                let request = comm.immediate_all_to_all_into(scope, send, recv);
-                ctx.poll(request, at.0, at.1, at.2);
-            });
-        }
         let size = comm.size() as usize;
         let mut received = Buffer::zeros(input.dtype(), input.len());
-        match input.dtype().size() {
-            4 => go::<u32>(self, comm, input, &mut received, at),
-            _ => go::<u16>(self, comm, input, &mut received, at),
-        }
+        let recv = &mut received;
+        self.transfer(comm, Transfer::AllToAll { send: input, recv }, at);
         let chunk = input.len() / size;
         let chunks: Vec<Buffer> = (0..size)
             .map(|r| slice(&received, r * chunk..(r + 1) * chunk))
@@ -940,24 +972,8 @@ impl Ctx {
         root: usize,
         at: (CollectiveKind, u64, Instant),
     ) -> Buffer {
-        fn go<U: Unit>(
-            ctx: &Ctx,
-            comm: &SimpleCommunicator,
-            buffer: &mut Buffer,
-            root: usize,
-            at: (CollectiveKind, u64, Instant),
-        ) {
-            let data = units_mut::<U>(buffer);
-            let root = comm.process_at_rank(root as c_int);
-            ::mpi::request::scope(|scope| {
-                let request = root.immediate_broadcast_into(scope, data);
-                ctx.poll(request, at.0, at.1, at.2);
-            });
-        }
-        match buffer.dtype().size() {
-            4 => go::<u32>(self, comm, &mut buffer, root, at),
-            _ => go::<u16>(self, comm, &mut buffer, root, at),
-        }
+        let data = &mut buffer;
+        self.transfer(comm, Transfer::Broadcast { data, root }, at);
         buffer
     }
 
