@@ -75,12 +75,13 @@
 //! - `engine.rs`: [`NcclEngine`] and [`NcclComm`], the caller's side;
 //! - `worker.rs`: the worker thread that runs a communicator's collectives;
 //! - `errors.rs`: CUDA and NCCL failures as [`CommError`]s;
-//! - `sanity.rs`: the suite that checks the engine on a GPU.
+//! - `sanity.rs`: [`sanity`], the suite that checks the engine on a GPU.
 
 mod engine;
 mod errors;
 mod libs;
 mod rendezvous;
+pub mod sanity;
 mod worker;
 
 pub use engine::{NcclComm, NcclEngine};
