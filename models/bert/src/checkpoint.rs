@@ -8,7 +8,7 @@ use mics_hub::modules::{
     LoadReport, WeightLayout, load_embedding, load_layer_norm, load_linear, save_layer_norm,
     save_linear,
 };
-use mics_hub::{Checkpoint, CheckpointWriter, FloatDType, HubError, config};
+use mics_hub::{Checkpoint, CheckpointWriter, HubError, SaveOptions, config};
 
 use crate::config::BertConfig;
 use crate::model::{
@@ -17,26 +17,6 @@ use crate::model::{
 
 const BERT_LINEAR: WeightLayout = WeightLayout::OutIn;
 const WEIGHTS_FILE: &str = "model.safetensors";
-
-/// How to write a checkpoint: the key prefix of the base model and the dtype.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SaveOptions {
-    /// `""` (a `BertModel` file) or `"bert."` (a `BertForMaskedLM` file).
-    pub prefix: String,
-    /// The dtype of every tensor.
-    pub dtype: FloatDType,
-}
-
-impl SaveOptions {
-    /// The layout and dtype a checkpoint was loaded with, so that it is written back
-    /// with the same keys and dtypes.
-    pub fn like(report: &LoadReport) -> Self {
-        SaveOptions {
-            prefix: report.prefix.clone(),
-            dtype: report.dtype,
-        }
-    }
-}
 
 fn detect_prefix(ckpt: &Checkpoint) -> &'static str {
     if ckpt.contains("bert.embeddings.word_embeddings.weight") {

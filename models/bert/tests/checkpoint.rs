@@ -54,13 +54,7 @@ fn param_bits<M: Module<B>>(module: &M) -> Vec<Vec<u32>> {
 fn writer(model: &BertForMaskedLM<B>, dtype: FloatDType) -> CheckpointWriter {
     let dir = scratch(&format!("writer-{dtype}"));
     model
-        .save(
-            &dir,
-            &SaveOptions {
-                prefix: "bert.".into(),
-                dtype,
-            },
-        )
+        .save(&dir, &SaveOptions::bert_mlm().with_dtype(dtype))
         .unwrap();
     let ckpt = Checkpoint::open(dir.join("model.safetensors")).unwrap();
     let mut w = CheckpointWriter::new(dtype);
@@ -94,13 +88,7 @@ fn round_trip_is_bit_exact_in_every_dtype() {
         // First save rounds to the dtype; from then on save -> load is the identity.
         let first = scratch(&format!("first-{dtype}"));
         model
-            .save(
-                &first,
-                &SaveOptions {
-                    prefix: "bert.".into(),
-                    dtype,
-                },
-            )
+            .save(&first, &SaveOptions::bert_mlm().with_dtype(dtype))
             .unwrap();
         let (loaded, report) = BertForMaskedLM::<B>::load(&first, &device).unwrap();
         assert_eq!(report.dtype, dtype);

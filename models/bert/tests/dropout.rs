@@ -169,13 +169,7 @@ fn dropout_adds_no_parameters() {
     // As many parameter tensors as the checkpoint has keys.
     let dir = scratch("keys");
     dropped
-        .save(
-            &dir,
-            &SaveOptions {
-                prefix: String::new(),
-                dtype: FloatDType::F32,
-            },
-        )
+        .save(&dir, &SaveOptions::new("", FloatDType::F32))
         .unwrap();
     let keys = mics_hub::Checkpoint::open(dir.join("model.safetensors"))
         .unwrap()
@@ -267,15 +261,7 @@ fn config_json_round_trip_keeps_the_dropout_fields() {
     let device = Default::default();
     let model = BertForMaskedLM::<B>::init(&config, &device);
     let dir = scratch("save");
-    model
-        .save(
-            &dir,
-            &SaveOptions {
-                prefix: "bert.".into(),
-                dtype: FloatDType::F32,
-            },
-        )
-        .unwrap();
+    model.save(&dir, &SaveOptions::bert_mlm()).unwrap();
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
     for key in ["hidden_dropout_prob", "attention_probs_dropout_prob"] {
         assert_eq!(text.matches(&format!("\"{key}\"")).count(), 1, "{key}");

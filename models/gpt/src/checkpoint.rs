@@ -7,7 +7,7 @@ use mics_hub::modules::{
     LoadReport, WeightLayout, load_embedding, load_layer_norm, load_linear, save_layer_norm,
     save_linear,
 };
-use mics_hub::{Checkpoint, CheckpointWriter, FloatDType, HubError, config};
+use mics_hub::{Checkpoint, CheckpointWriter, HubError, SaveOptions, config};
 
 use crate::config::Gpt2Config;
 use crate::model::{Gpt2Attention, Gpt2Block, Gpt2LMHeadModel, Gpt2Mlp, Gpt2Model, dropout};
@@ -16,35 +16,6 @@ use crate::model::{Gpt2Attention, Gpt2Block, Gpt2LMHeadModel, Gpt2Mlp, Gpt2Model
 const CONV1D: WeightLayout = WeightLayout::InOut;
 const WEIGHTS_FILE: &str = "model.safetensors";
 const LM_HEAD: &str = "lm_head.weight";
-
-/// How to write a checkpoint: the key prefix and the dtype.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SaveOptions {
-    /// `"transformer."` (`save_pretrained` output) or `""` (the original Hub files).
-    pub prefix: String,
-    /// The dtype of every tensor.
-    pub dtype: FloatDType,
-}
-
-impl SaveOptions {
-    /// The layout and dtype a checkpoint was loaded with.
-    pub fn like(report: &LoadReport) -> Self {
-        SaveOptions {
-            prefix: report.prefix.clone(),
-            dtype: report.dtype,
-        }
-    }
-}
-
-impl Default for SaveOptions {
-    /// What `save_pretrained` writes: `transformer.` prefix, F32.
-    fn default() -> Self {
-        SaveOptions {
-            prefix: "transformer.".into(),
-            dtype: FloatDType::F32,
-        }
-    }
-}
 
 impl<B: Backend> Gpt2LMHeadModel<B> {
     /// Loads `config.json` and `model.safetensors` from `dir`, in either layout.

@@ -16,5 +16,5 @@ pub mod tokenizer;
 
 pub use checkpoint::{Checkpoint, CheckpointWriter, FloatDType};
 pub use error::HubError;
-pub use modules::{LoadReport, WeightLayout};
+pub use modules::{LoadReport, SaveOptions, WeightLayout};
 pub use tokenizer::TextTokenizer;

@@ -261,7 +261,9 @@ fn a_fresh_model_saves_and_loads_in_every_dtype() {
     let model = LlamaForCausalLM::<B>::init(&config, &device);
     let out = scratch("fresh");
     for dtype in [FloatDType::F32, FloatDType::F16, FloatDType::BF16] {
-        model.save(&out, &SaveOptions { dtype }).unwrap();
+        model
+            .save(&out, &SaveOptions::llama().with_dtype(dtype))
+            .unwrap();
         let (loaded, report) = LlamaForCausalLM::<B>::load(&out, &device).unwrap();
         assert_eq!(report.dtype, dtype);
         assert_eq!(loaded.config, {
