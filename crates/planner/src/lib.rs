@@ -46,4 +46,4 @@ pub use plan::{
     TrainConfig,
 };
 pub use report::{JsonPlan, JsonRow, render_table};
-pub use sweep::{SweepPoint, plot_sweep, sweep};
+pub use sweep::{PLOT_FONT, SweepPoint, plot_sweep, sweep};
