@@ -76,17 +76,8 @@ impl NcclEngine {
             .iter()
             .enumerate()
             .map(|(rank, &device)| {
-                NcclComm::start(
-                    self,
-                    InitSpec {
-                        id,
-                        rank,
-                        size,
-                        device,
-                        world_ranks: (0..size).collect(),
-                        nodes: Some(vec![0; size]),
-                    },
-                )
+                let nodes = Some(vec![0; size]);
+                NcclComm::start(self, InitSpec::world(id, rank, size, device, nodes))
             })
             .collect::<Result<_, _>>()?;
         pending.into_iter().map(|p| p.finish()).collect()
@@ -119,25 +110,20 @@ impl NcclEngine {
         size: usize,
         device: usize,
     ) -> Result<NcclComm, CommError> {
-        if rank >= size {
-            return Err(CommError::InvalidArgument(format!(
-                "nccl engine: rank {rank} in a world of {size}"
-            )));
-        }
-        check_libraries(&ENGINE_LIBRARIES)?;
-        NcclComm::start(
-            self,
-            InitSpec {
-                id,
-                rank,
-                size,
-                device,
-                world_ranks: (0..size).collect(),
-                nodes: None,
-            },
-        )?
-        .finish()
+        check_rank(rank, size)?;
+        NcclComm::start(self, InitSpec::world(id, rank, size, device, None))?.finish()
     }
+}
+
+/// Checks that `rank` is a rank of a world of `size`, and that the engine's
+/// libraries load.
+pub(super) fn check_rank(rank: usize, size: usize) -> Result<(), CommError> {
+    if rank >= size {
+        return Err(CommError::InvalidArgument(format!(
+            "nccl engine: rank {rank} in a world of {size}"
+        )));
+    }
+    check_libraries(&ENGINE_LIBRARIES)
 }
 
 /// One rank's communicator in the NCCL engine.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use cudarc::nccl::result as nccl;
 use cudarc::nccl::sys;
 
+use super::engine::check_rank;
 use super::errors::{engine_error, guarded, nccl_error};
 use super::libs::{CudaLibrary, ENGINE_LIBRARIES, check_libraries, device_count};
 use super::{NcclComm, NcclEngine};
@@ -96,12 +97,7 @@ impl NcclEngine {
         world: usize,
         device: usize,
     ) -> Result<NcclComm, CommError> {
-        if rank >= world {
-            return Err(CommError::InvalidArgument(format!(
-                "nccl engine: rank {rank} in a world of {world}"
-            )));
-        }
-        check_libraries(&ENGINE_LIBRARIES)?;
+        check_rank(rank, world)?;
         let id = if rank == 0 {
             let id = UniqueId::new()?;
             serve_id(master, world, id, self.timeout)?;

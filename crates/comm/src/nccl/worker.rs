@@ -531,6 +531,26 @@ pub(super) struct InitSpec {
     pub(super) nodes: Option<Vec<usize>>,
 }
 
+impl InitSpec {
+    /// Rank `rank` of a new world of `size` ranks (world ranks `0..size`).
+    pub(super) fn world(
+        id: UniqueId,
+        rank: usize,
+        size: usize,
+        device: usize,
+        nodes: Option<Vec<usize>>,
+    ) -> InitSpec {
+        InitSpec {
+            id,
+            rank,
+            size,
+            device,
+            world_ranks: (0..size).collect(),
+            nodes,
+        }
+    }
+}
+
 /// A worker just spawned: where its initialisation's outcome arrives, and its
 /// job queue.
 pub(super) struct Spawned {
