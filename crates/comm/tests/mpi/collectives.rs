@@ -30,27 +30,7 @@ pub fn input<E: Element>(seed: u64, rank: usize, len: usize) -> Vec<E> {
         .collect()
 }
 
-/// Element-wise reduction written out plainly: widen to f32, combine in
-/// rank order, divide for the mean, round once.
-pub fn reference<E: Element>(inputs: &[Vec<E>], op: ReduceOp) -> Vec<E> {
-    let p = inputs.len();
-    (0..inputs[0].len())
-        .map(|i| {
-            let mut acc = inputs[0][i].to_f32();
-            for input in &inputs[1..] {
-                let v = input[i].to_f32();
-                acc = match op {
-                    ReduceOp::Sum | ReduceOp::Mean => acc + v,
-                    ReduceOp::Max => acc.max(v),
-                };
-            }
-            if op == ReduceOp::Mean {
-                acc /= p as f32;
-            }
-            E::from_f32(acc)
-        })
-        .collect()
-}
+pub use crate::common::reference_reduce as reference;
 
 pub fn same_bits<E: Element>(a: &[E], b: &[E]) -> bool {
     a.len() == b.len() && bytemuck::cast_slice::<E, u8>(a) == bytemuck::cast_slice::<E, u8>(b)

@@ -32,6 +32,8 @@
 //! - `scenarios.rs`: the failure scenarios and the bench.
 
 mod collectives;
+#[path = "../common/mod.rs"]
+mod common;
 mod groups;
 mod scenarios;
 mod semantics;
