@@ -99,7 +99,7 @@ use crate::communicator::{Input, OpDesc, WireDesc, check_matching, validate_loca
 use crate::reduce::{concat, reduce_range};
 use crate::stats::ring_bytes;
 use crate::work::AbortFn;
-use crate::worker::Issuer;
+use crate::worker::{Issuer, nodes_by_first_appearance};
 use crate::{
     Buffer, CollectiveKind, CommError, CommStats, Communicator, Fingerprint, ReduceOp, SentBytes,
     Work,
@@ -591,17 +591,7 @@ fn real_nodes(world: &SimpleCommunicator) -> Vec<usize> {
     node.process_at_rank(0).broadcast_into(&mut leader);
     let mut leaders = vec![0u64; world.size() as usize];
     world.all_gather_into(&leader, &mut leaders[..]);
-    let mut order: Vec<u64> = Vec::new();
-    leaders
-        .iter()
-        .map(|l| match order.iter().position(|o| o == l) {
-            Some(i) => i,
-            None => {
-                order.push(*l);
-                order.len() - 1
-            }
-        })
-        .collect()
+    nodes_by_first_appearance(&leaders)
 }
 
 /// The raw unit a dtype travels as: its bits, never its value.

@@ -1,6 +1,6 @@
 //! What the engines' communicators share: the default timeout, the issue side
 //! of a worker queue (sequence numbers handed out in queue order), running one
-//! thread per rank, and panic payloads as text.
+//! thread per rank, panic payloads as text, and the numbering of nodes.
 //!
 //! Every engine runs a communicator's collectives on a worker (a thread per
 //! communicator for threads and NCCL, one communication thread per process for
@@ -111,9 +111,31 @@ where
     })
 }
 
+/// Numbers nodes by the first appearance of each rank's node key (a host
+/// hash, the lowest world rank of the node): rank 0's node is node 0. (The
+/// threads engine is told its layout.)
+#[cfg(any(feature = "mpi", feature = "cuda", test))]
+pub(crate) fn nodes_by_first_appearance(keys: &[u64]) -> Vec<usize> {
+    let mut seen: Vec<u64> = Vec::new();
+    keys.iter()
+        .map(|k| match seen.iter().position(|s| s == k) {
+            Some(i) => i,
+            None => {
+                seen.push(*k);
+                seen.len() - 1
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_are_numbered_by_first_host() {
+        assert_eq!(nodes_by_first_appearance(&[7, 7, 3, 3, 7]), [0, 0, 1, 1, 0]);
+    }
 
     #[test]
     fn sequence_numbers_follow_queue_order_and_survive_a_closed_queue() {

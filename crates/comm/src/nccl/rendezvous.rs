@@ -12,7 +12,7 @@ use cudarc::nccl::sys;
 
 use super::engine::check_rank;
 use super::errors::{engine_error, guarded, nccl_error};
-use super::libs::{CudaLibrary, ENGINE_LIBRARIES, check_libraries, device_count};
+use super::libs::{CudaLibrary, check_libraries, device_count};
 use super::{NcclComm, NcclEngine};
 use crate::CommError;
 
@@ -125,7 +125,7 @@ impl NcclEngine {
         use ::mpi::traits::Root;
         let rank = comm.rank() as usize;
         let size = comm.size() as usize;
-        let local = check_libraries(&ENGINE_LIBRARIES);
+        let local = check_libraries(&super::ENGINE_LIBRARIES);
         // 128 id bytes, then 1 if rank 0 created the id.
         let mut message = [0u8; 129];
         let mut root_error = None;

@@ -18,6 +18,7 @@ use cudarc::nccl::sys;
 use super::UniqueId;
 use super::errors::{cuda_error, engine_error, guarded, nccl_error};
 use crate::communicator::{OpDesc, WireDesc, check_matching, validate_local};
+use crate::worker::nodes_by_first_appearance;
 use crate::{Buffer, CollectiveKind, CommError, DType, ReduceOp};
 
 /// The raw NCCL communicator, used only on its worker thread.
@@ -450,21 +451,6 @@ fn host_hash() -> u64 {
     })
 }
 
-/// Numbers nodes by first appearance of each host hash.
-fn nodes_from_hashes(hashes: &[u64]) -> Vec<usize> {
-    let mut seen: Vec<u64> = Vec::new();
-    hashes
-        .iter()
-        .map(|h| match seen.iter().position(|s| s == h) {
-            Some(i) => i,
-            None => {
-                seen.push(*h);
-                seen.len() - 1
-            }
-        })
-        .collect()
-}
-
 /// Initialises the CUDA context, stream and NCCL communicator (on the worker).
 fn init_worker(
     spec: &InitSpec,
@@ -507,7 +493,7 @@ fn init_worker(
         Some(nodes) => nodes.clone(),
         None => {
             let hashes = worker.exchange_u64(CollectiveKind::Barrier, 0, &[host_hash()])?;
-            nodes_from_hashes(&hashes)
+            nodes_by_first_appearance(&hashes)
         }
     };
     Ok((worker, nodes))
@@ -603,14 +589,4 @@ pub(super) fn spawn(
         init: init_rx,
         jobs: job_tx,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nodes_are_numbered_by_first_host() {
-        assert_eq!(nodes_from_hashes(&[7, 7, 3, 3, 7]), [0, 0, 1, 1, 0]);
-    }
 }
