@@ -4,7 +4,7 @@
 //! barrier, splits, empty and odd lengths up to 2^20+3, f32/bf16/f16, byte
 //! counters, the torchrun-style rendezvous with `WORLD_SIZE=1`), each result
 //! checked **bit for bit** against the crate's single-process reference
-//! ([`concat`], [`reduce_range`]: the inputs are small multiples of 1/4, exact
+//! ([`concat()`], [`reduce_range`]: the inputs are small multiples of 1/4, exact
 //! in every type, so sums and means of one or two ranks are exact). If NCCL
 //! is 2.30.3 or newer it also runs **two ranks on the one GPU**
 //! (`NCCL_MULTI_RANK_GPU_ENABLE=1`): the same collectives and a size mismatch
