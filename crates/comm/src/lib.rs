@@ -46,6 +46,7 @@ mod stats;
 pub mod threads;
 mod topology;
 mod work;
+mod worker;
 
 pub use buffer::{Buffer, DType, Element};
 pub use communicator::{CollectiveKind, Collectives, Communicator, Fingerprint, OpDesc, ReduceOp};
@@ -58,7 +59,9 @@ pub use threads::{ThreadComm, ThreadsEngine};
 pub use topology::{Topology, TopologyError};
 pub use work::{AbortFn, Completion, Work};
 
-/// Helpers for engine implementations: argument checks shared by all engines.
+/// Helpers for engine implementations: argument checks shared by all engines,
+/// the default timeout and panic payloads as text.
 pub mod engine {
     pub use crate::communicator::{check_matching, validate_local};
+    pub use crate::worker::{DEFAULT_TIMEOUT, panic_text};
 }

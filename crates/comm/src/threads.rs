@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,12 +24,12 @@ use crate::communicator::{Input, OpDesc, check_matching, validate_local};
 use crate::reduce::{concat, reduce_range};
 use crate::stats::ring_bytes;
 use crate::work::AbortFn;
+use crate::worker::{Issuer, run_ranks};
 use crate::{
     Buffer, CollectiveKind, CommError, CommStats, Communicator, Fingerprint, ReduceOp, Work,
 };
 
-/// Default time a collective waits for the other ranks.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+pub use crate::worker::DEFAULT_TIMEOUT;
 
 /// Builder of an in-process world.
 #[derive(Debug, Clone)]
@@ -106,33 +106,7 @@ impl ThreadsEngine {
         F: Fn(ThreadComm) -> R + Sync,
     {
         let comms = self.build()?;
-        let f = &f;
-        Ok(std::thread::scope(|scope| {
-            let handles: Vec<_> = comms
-                .into_iter()
-                .enumerate()
-                .map(|(rank, comm)| {
-                    std::thread::Builder::new()
-                        .name(format!("mics-rank-{rank}"))
-                        .spawn_scoped(scope, move || f(comm))
-                        .expect("spawning a rank thread")
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().map_err(panic_message))
-                .collect()
-        }))
-    }
-}
-
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_string()
+        Ok(run_ranks(comms, |rank| format!("mics-rank-{rank}"), &f))
     }
 }
 
@@ -455,18 +429,11 @@ impl Group {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Issue side of a communicator: sequence numbers and the worker's queue,
-/// under one lock so that sequence order is queue order.
-struct Issuer {
-    next_seq: u64,
-    jobs: Option<Sender<Job>>,
-}
-
 /// One rank's communicator in the in-process engine.
 pub struct ThreadComm {
     group: Arc<Group>,
     rank: usize,
-    issuer: Mutex<Issuer>,
+    issuer: Issuer<Job>,
     worker: Option<JoinHandle<()>>,
     stats: Arc<Mutex<CommStats>>,
     group_id: u64,
@@ -498,10 +465,7 @@ impl ThreadComm {
         ThreadComm {
             group,
             rank,
-            issuer: Mutex::new(Issuer {
-                next_seq: 0,
-                jobs: Some(tx),
-            }),
+            issuer: Issuer::new(tx),
             worker: Some(worker),
             stats: Arc::new(Mutex::new(CommStats::default())),
             group_id: NEXT_GROUP_ID.fetch_add(1, Ordering::Relaxed),
@@ -516,69 +480,74 @@ impl ThreadComm {
     /// Queues a collective on the worker and returns its handle. The input
     /// is taken (or waited for) on the worker, in issue order.
     fn submit(&self, mut desc: OpDesc, input: Input) -> Work {
-        let mut issuer = self.issuer.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = issuer.next_seq;
-        issuer.next_seq += 1;
-        let describe = format!(
-            "{} #{seq} on rank {} of group {}",
-            desc.kind, self.rank, self.group_id
-        );
-        let (work, done) = Work::pending(self.group.timeout, describe, Some(self.abort_fn()));
         let group = self.group.clone();
         let stats = self.stats.clone();
         let rank = self.rank;
-        // The latency runs from the moment the input is on its way: the
-        // issue for a ready input, the end of the wait for a later one.
-        let issued = Instant::now();
-        let job: Job = Box::new(move || {
-            let mut on_wire = issued;
-            let data = match input {
-                Input::None => None,
-                Input::Ready(buffer) => Some(buffer),
-                Input::Later(pending) => match pending.wait() {
-                    Ok(buffer) => {
-                        on_wire = Instant::now();
-                        Some(buffer)
-                    }
-                    Err(err) => {
-                        // The peers will wait for this rank: fail them too.
-                        group.poison(err.clone());
-                        done.complete(Err(err));
-                        return;
-                    }
-                },
-            };
-            if let Some(buffer) = &data {
-                desc.dtype = Some(buffer.dtype());
-                desc.len = buffer.len();
-            }
-            let input_bytes = data.as_ref().map_or(0, |b| b.byte_len() as u64);
-            let sent = ring_bytes(
-                desc.kind,
-                input_bytes,
-                &group.nodes,
-                rank,
-                desc.root.unwrap_or(0),
+        let mut handle = None;
+        let issued = self.issuer.issue(|seq| {
+            let describe = format!(
+                "{} #{seq} on rank {} of group {}",
+                desc.kind, self.rank, self.group_id
             );
-            stats
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .record(desc.kind, sent);
-            let post = Post {
-                desc,
-                data,
-                color: 0,
-                key: 0,
-            };
-            done.complete(group.execute(seq, rank, post, on_wire));
+            let (work, done) = Work::pending(self.group.timeout, describe, Some(self.abort_fn()));
+            handle = Some(work);
+            // The latency runs from the moment the input is on its way: the
+            // issue for a ready input, the end of the wait for a later one.
+            let issued = Instant::now();
+            Box::new(move || {
+                let mut on_wire = issued;
+                let data = match input {
+                    Input::None => None,
+                    Input::Ready(buffer) => Some(buffer),
+                    Input::Later(pending) => match pending.wait() {
+                        Ok(buffer) => {
+                            on_wire = Instant::now();
+                            Some(buffer)
+                        }
+                        Err(err) => {
+                            // The peers will wait for this rank: fail them too.
+                            group.poison(err.clone());
+                            done.complete(Err(err));
+                            return;
+                        }
+                    },
+                };
+                if let Some(buffer) = &data {
+                    desc.dtype = Some(buffer.dtype());
+                    desc.len = buffer.len();
+                }
+                let input_bytes = data.as_ref().map_or(0, |b| b.byte_len() as u64);
+                let sent = ring_bytes(
+                    desc.kind,
+                    input_bytes,
+                    &group.nodes,
+                    rank,
+                    desc.root.unwrap_or(0),
+                );
+                stats
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .record(desc.kind, sent);
+                let post = Post {
+                    desc,
+                    data,
+                    color: 0,
+                    key: 0,
+                };
+                done.complete(group.execute(seq, rank, post, on_wire));
+            })
         });
-        match &issuer.jobs {
-            Some(jobs) if jobs.send(job).is_ok() => work,
-            _ => Work::failed(CommError::Engine {
-                engine: "threads",
-                message: "the communicator's worker thread is gone".into(),
-            }),
+        match (issued, handle) {
+            (Ok(_), Some(work)) => work,
+            _ => Work::failed(worker_gone()),
         }
+    }
+}
+
+fn worker_gone() -> CommError {
+    CommError::Engine {
+        engine: "threads",
+        message: "the communicator's worker thread is gone".into(),
     }
 }
 
@@ -629,31 +598,20 @@ impl ThreadComm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .record(CollectiveKind::Split, Default::default());
-        {
-            let mut issuer = self.issuer.lock().unwrap_or_else(|e| e.into_inner());
-            let seq = issuer.next_seq;
-            issuer.next_seq += 1;
-            let group = self.group.clone();
-            let rank = self.rank;
-            let job: Job = Box::new(move || {
-                let result = group.rendezvous(seq, rank, post).map(|posts| {
-                    let mine = group.split_groups(seq, rank, &posts);
-                    group.release(seq);
-                    mine
-                });
-                let _ = tx.send(result);
-            });
-            let sent = issuer
-                .jobs
-                .as_ref()
-                .is_some_and(|jobs| jobs.send(job).is_ok());
-            if !sent {
-                return Err(CommError::Engine {
-                    engine: "threads",
-                    message: "the communicator's worker thread is gone".into(),
-                });
-            }
-        }
+        let group = self.group.clone();
+        let rank = self.rank;
+        self.issuer
+            .issue(|seq| -> Job {
+                Box::new(move || {
+                    let result = group.rendezvous(seq, rank, post).map(|posts| {
+                        let mine = group.split_groups(seq, rank, &posts);
+                        group.release(seq);
+                        mine
+                    });
+                    let _ = tx.send(result);
+                })
+            })
+            .map_err(|_| worker_gone())?;
         let (group, rank) = rx.recv().map_err(|_| CommError::Engine {
             engine: "threads",
             message: "split: the worker thread died".into(),
@@ -671,9 +629,7 @@ impl Drop for ThreadComm {
         };
         // Let queued collectives finish (each is bounded by the timeout),
         // then tell the group this rank will not come again.
-        if let Ok(mut issuer) = self.issuer.lock() {
-            issuer.jobs = None;
-        }
+        self.issuer.close();
         if !std::thread::panicking()
             && let Some(worker) = self.worker.take()
         {

@@ -5,6 +5,9 @@ use half::{bf16, f16};
 use mics_comm::{Collectives, Communicator, Element, ReduceOp, ThreadsEngine};
 use proptest::prelude::*;
 
+mod common;
+use common::reference_reduce;
+
 /// Rank `r`'s input: a deterministic function of (seed, rank, index) with
 /// mixed signs and magnitudes, so that summation order would show.
 fn input<E: Element>(seed: u64, rank: usize, len: usize) -> Vec<E> {
@@ -12,27 +15,6 @@ fn input<E: Element>(seed: u64, rank: usize, len: usize) -> Vec<E> {
         .map(|i| {
             let x = (seed as f32 * 0.37 + rank as f32 * 1.7 + i as f32 * 0.113).sin();
             E::from_f32(x * 10f32.powi((i % 5) as i32 - 2))
-        })
-        .collect()
-}
-
-/// The naive reduction: element by element, ranks in order, in f32.
-fn reference_reduce<E: Element>(inputs: &[Vec<E>], op: ReduceOp) -> Vec<E> {
-    let len = inputs[0].len();
-    (0..len)
-        .map(|i| {
-            let mut acc = inputs[0][i].to_f32();
-            for input in &inputs[1..] {
-                let v = input[i].to_f32();
-                acc = match op {
-                    ReduceOp::Sum | ReduceOp::Mean => acc + v,
-                    ReduceOp::Max => acc.max(v),
-                };
-            }
-            if op == ReduceOp::Mean {
-                acc /= inputs.len() as f32;
-            }
-            E::from_f32(acc)
         })
         .collect()
 }

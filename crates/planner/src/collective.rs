@@ -10,8 +10,9 @@
 
 use crate::cluster::ClusterSpec;
 
-/// Which collective.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which collective (`all_gather`, `reduce_scatter`, `all_reduce` in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Collective {
     /// Every rank ends with the concatenation of all shards.
     AllGather,

@@ -25,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+mod calibrate;
 mod cluster;
 mod collective;
 mod error;
@@ -34,6 +35,7 @@ mod plan;
 mod report;
 mod sweep;
 
+pub use calibrate::{CollectiveProbe, CommFit, SharedThroughput, fit_collectives, machine_cluster};
 pub use cluster::{CLUSTER_PRESETS, ClusterSpec};
 pub use collective::{Collective, CommCost, Group, hierarchical_all_gather, ring};
 pub use error::PlanError;
@@ -44,4 +46,4 @@ pub use plan::{
     TrainConfig,
 };
 pub use report::{JsonPlan, JsonRow, render_table};
-pub use sweep::{SweepPoint, plot_sweep, sweep};
+pub use sweep::{PLOT_FONT, SweepPoint, plot_sweep, sweep};

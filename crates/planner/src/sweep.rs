@@ -98,9 +98,11 @@ pub fn sweep(
     Ok(points)
 }
 
-/// The font embedded for plots (DejaVu Sans, Bitstream Vera license, see
-/// `assets/DejaVuSans.LICENSE`), so drawing needs no system fonts.
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+/// The font embedded for plots, DejaVu Sans (Bitstream Vera license, see
+/// `assets/DejaVuSans.LICENSE`), so drawing needs no system fonts: register it
+/// with `plotters::style::register_font("sans-serif", FontStyle::Normal,
+/// PLOT_FONT)` (plotters' `ab_glyph` feature).
+pub static PLOT_FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
 /// Draws throughput per GPU and weak-scaling efficiency against GPUs, one
 /// line per strategy over the sizes where it fits, into a PNG file.
@@ -109,7 +111,7 @@ pub fn plot_sweep(points: &[SweepPoint], title: &str, path: &Path) -> Result<(),
         path: path.to_path_buf(),
         problem: e.to_string(),
     };
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+    plotters::style::register_font("sans-serif", FontStyle::Normal, PLOT_FONT)
         .map_err(|_| fail(&"the embedded font is invalid"))?;
     let fitting: Vec<&SweepPoint> = points.iter().filter(|p| p.fits).collect();
     if fitting.is_empty() {

@@ -8,7 +8,9 @@ use mics_hub::modules::{
     LoadReport, WeightLayout, load_embedding, load_layer_norm, load_linear, save_layer_norm,
     save_linear,
 };
-use mics_hub::{Checkpoint, CheckpointWriter, FloatDType, HubError, config};
+use mics_hub::{
+    Checkpoint, CheckpointWriter, HubError, SaveOptions, WEIGHTS_FILE, config, save_pretrained,
+};
 
 use crate::config::BertConfig;
 use crate::model::{
@@ -16,27 +18,6 @@ use crate::model::{
 };
 
 const BERT_LINEAR: WeightLayout = WeightLayout::OutIn;
-const WEIGHTS_FILE: &str = "model.safetensors";
-
-/// How to write a checkpoint: the key prefix of the base model and the dtype.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SaveOptions {
-    /// `""` (a `BertModel` file) or `"bert."` (a `BertForMaskedLM` file).
-    pub prefix: String,
-    /// The dtype of every tensor.
-    pub dtype: FloatDType,
-}
-
-impl SaveOptions {
-    /// The layout and dtype a checkpoint was loaded with, so that it is written back
-    /// with the same keys and dtypes.
-    pub fn like(report: &LoadReport) -> Self {
-        SaveOptions {
-            prefix: report.prefix.clone(),
-            dtype: report.dtype,
-        }
-    }
-}
 
 fn detect_prefix(ckpt: &Checkpoint) -> &'static str {
     if ckpt.contains("bert.embeddings.word_embeddings.weight") {
@@ -186,15 +167,12 @@ impl<B: Backend> BertModel<B> {
 
     /// Writes `model.safetensors` and `config.json` into `dir` (created if needed).
     pub fn save(&self, dir: impl AsRef<Path>, options: &SaveOptions) -> Result<(), HubError> {
-        let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| HubError::Io {
-            path: dir.to_path_buf(),
-            error: e,
-        })?;
-        let mut writer = CheckpointWriter::new(options.dtype);
-        self.write_tensors(&mut writer, &options.prefix);
-        writer.write(dir.join(WEIGHTS_FILE))?;
-        config::write_config(dir, &self.config_with_architecture("BertModel"))
+        save_pretrained(
+            dir.as_ref(),
+            options.dtype,
+            |writer| self.write_tensors(writer, &options.prefix),
+            &self.config_with_architecture("BertModel"),
+        )
     }
 
     /// Adds every parameter to `writer` under its Hugging Face key.
@@ -299,27 +277,23 @@ impl<B: Backend> BertForMaskedLM<B> {
     /// Writes `model.safetensors` and `config.json` into `dir`: the base model under
     /// `options.prefix` (Hugging Face uses `bert.`) and the head under `cls.`.
     pub fn save(&self, dir: impl AsRef<Path>, options: &SaveOptions) -> Result<(), HubError> {
-        let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| HubError::Io {
-            path: dir.to_path_buf(),
-            error: e,
-        })?;
-        let mut writer = CheckpointWriter::new(options.dtype);
-        self.bert.write_tensors(&mut writer, &options.prefix);
-        save_linear(
-            &mut writer,
-            "cls.predictions.transform.dense",
-            &self.head.dense,
-            BERT_LINEAR,
-        );
-        save_layer_norm(
-            &mut writer,
-            "cls.predictions.transform.LayerNorm",
-            &self.head.layer_norm,
-        );
-        writer.add("cls.predictions.bias", self.head.bias.val());
-        writer.write(dir.join(WEIGHTS_FILE))?;
-        config::write_config(dir, &self.bert.config_with_architecture("BertForMaskedLM"))
+        let add = |writer: &mut CheckpointWriter| {
+            self.bert.write_tensors(writer, &options.prefix);
+            save_linear(
+                writer,
+                "cls.predictions.transform.dense",
+                &self.head.dense,
+                BERT_LINEAR,
+            );
+            save_layer_norm(
+                writer,
+                "cls.predictions.transform.LayerNorm",
+                &self.head.layer_norm,
+            );
+            writer.add("cls.predictions.bias", self.head.bias.val());
+        };
+        let config = self.bert.config_with_architecture("BertForMaskedLM");
+        save_pretrained(dir.as_ref(), options.dtype, add, &config)
     }
 }
 

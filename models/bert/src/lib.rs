@@ -17,8 +17,8 @@ mod checkpoint;
 mod config;
 mod model;
 
-pub use checkpoint::SaveOptions;
 pub use config::{Activation, BertConfig};
+pub use mics_hub::SaveOptions;
 pub use model::{
     BertAttention, BertEmbeddings, BertForMaskedLM, BertLayer, BertLmHead, BertModel, BertOutput,
     l2_normalize, mean_pool, pad_batch,

@@ -1,30 +1,22 @@
 //! BERT checkpoints: layouts with and without the `bert.` prefix and optional parts,
 //! bit-exact save/load round trips in F32/F16/BF16, and every malformed-file error.
 
-use std::path::PathBuf;
-
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Int, Tensor, TensorData, backend::AutodiffBackend};
+use burn::tensor::{Int, Tensor, TensorData};
 use mics_bert::{BertConfig, BertForMaskedLM, BertModel, SaveOptions};
 use mics_hub::checkpoint::Dtype;
 use mics_hub::{Checkpoint, CheckpointWriter, FloatDType, HubError, LoadReport};
 use mics_plain::Plain;
+use mics_test_support::{assert_every_parameter_has_a_gradient, scratch};
+
+/// The tag of this file's scratch directories.
+const SCRATCH: &str = "bert-test";
 
 type B = NdArray<f32>;
 
 fn config() -> BertConfig {
     BertConfig::tiny(40, 16, 2, 4)
-}
-
-/// A fresh directory, unique to this call (tests run in parallel threads).
-fn scratch(name: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir =
-        std::env::temp_dir().join(format!("mics-bert-test-{name}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
 }
 
 fn ids() -> Tensor<B, 2, Int> {
@@ -52,15 +44,9 @@ fn param_bits<M: Module<B>>(module: &M) -> Vec<Vec<u32>> {
 
 /// A masked-LM checkpoint (prefix `bert.`) as a writer, for tests to edit.
 fn writer(model: &BertForMaskedLM<B>, dtype: FloatDType) -> CheckpointWriter {
-    let dir = scratch(&format!("writer-{dtype}"));
+    let dir = scratch(SCRATCH, &format!("writer-{dtype}"));
     model
-        .save(
-            &dir,
-            &SaveOptions {
-                prefix: "bert.".into(),
-                dtype,
-            },
-        )
+        .save(&dir, &SaveOptions::bert_mlm().with_dtype(dtype))
         .unwrap();
     let ckpt = Checkpoint::open(dir.join("model.safetensors")).unwrap();
     let mut w = CheckpointWriter::new(dtype);
@@ -73,7 +59,7 @@ fn writer(model: &BertForMaskedLM<B>, dtype: FloatDType) -> CheckpointWriter {
 }
 
 fn load_bytes(name: &str, bytes: Vec<u8>) -> Result<(BertForMaskedLM<B>, LoadReport), HubError> {
-    let dir = scratch(name);
+    let dir = scratch(SCRATCH, name);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("config.json"),
@@ -92,15 +78,9 @@ fn round_trip_is_bit_exact_in_every_dtype() {
     let model = BertForMaskedLM::<B>::init(&config(), &device);
     for dtype in [FloatDType::F32, FloatDType::F16, FloatDType::BF16] {
         // First save rounds to the dtype; from then on save -> load is the identity.
-        let first = scratch(&format!("first-{dtype}"));
+        let first = scratch(SCRATCH, &format!("first-{dtype}"));
         model
-            .save(
-                &first,
-                &SaveOptions {
-                    prefix: "bert.".into(),
-                    dtype,
-                },
-            )
+            .save(&first, &SaveOptions::bert_mlm().with_dtype(dtype))
             .unwrap();
         let (loaded, report) = BertForMaskedLM::<B>::load(&first, &device).unwrap();
         assert_eq!(report.dtype, dtype);
@@ -109,7 +89,7 @@ fn round_trip_is_bit_exact_in_every_dtype() {
             report.initialised.is_empty() && report.ignored.is_empty(),
             "{report}"
         );
-        let second = scratch(&format!("second-{dtype}"));
+        let second = scratch(SCRATCH, &format!("second-{dtype}"));
         loaded.save(&second, &SaveOptions::like(&report)).unwrap();
         let (again, _) = BertForMaskedLM::<B>::load(&second, &device).unwrap();
         assert_eq!(param_bits(&loaded), param_bits(&again), "{dtype}");
@@ -181,7 +161,7 @@ fn base_model_file_without_prefix_pooler_or_head_loads_and_reports() {
     let dense: Vec<f32> = loaded.head.dense.weight.val().into_data().to_vec().unwrap();
     assert!(dense.iter().any(|v| *v != 0.0));
     // The base model loads the same file through BertModel as well.
-    let dir = scratch("base");
+    let dir = scratch(SCRATCH, "base");
     loaded.bert.save(&dir, &SaveOptions::like(&report)).unwrap();
     let (base, report) = BertModel::<B>::load(&dir, &device).unwrap();
     assert!(
@@ -329,7 +309,7 @@ fn untied_decoder_is_rejected() {
 
 #[test]
 fn missing_config_and_bad_config_are_errors() {
-    let dir = scratch("config");
+    let dir = scratch(SCRATCH, "config");
     std::fs::create_dir_all(&dir).unwrap();
     let err = BertModel::<B>::load(&dir, &Default::default()).unwrap_err();
     assert!(err.to_string().contains("config.json"), "{err}");
@@ -390,29 +370,6 @@ fn one_backward_pass_gives_every_parameter_a_gradient() {
     let loss = burn::tensor::activation::log_softmax(mlm, 2).mean().neg()
         + out.pooled.powi_scalar(2).mean();
     let grads = loss.backward();
-    struct Check<'a> {
-        grads: &'a <A as AutodiffBackend>::Gradients,
-        seen: usize,
-    }
-    impl ModuleVisitor<A> for Check<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
-            let grad = param
-                .val()
-                .grad(self.grads)
-                .expect("a parameter has no gradient");
-            let norm: f32 = grad.abs().sum().into_scalar();
-            assert!(
-                norm > 0.0,
-                "zero gradient for a parameter of shape {:?}",
-                param.dims()
-            );
-            self.seen += param.val().shape().num_elements();
-        }
-    }
-    let mut check = Check {
-        grads: &grads,
-        seen: 0,
-    };
-    model.visit(&mut check);
-    assert_eq!(check.seen, model.num_params());
+    let seen = assert_every_parameter_has_a_gradient(&model, &grads);
+    assert_eq!(seen, model.num_params());
 }

@@ -7,44 +7,16 @@ use mics_hub::modules::{
     LoadReport, WeightLayout, load_embedding, load_layer_norm, load_linear, save_layer_norm,
     save_linear,
 };
-use mics_hub::{Checkpoint, CheckpointWriter, FloatDType, HubError, config};
+use mics_hub::{
+    Checkpoint, CheckpointWriter, HubError, SaveOptions, WEIGHTS_FILE, config, save_pretrained,
+};
 
 use crate::config::Gpt2Config;
 use crate::model::{Gpt2Attention, Gpt2Block, Gpt2LMHeadModel, Gpt2Mlp, Gpt2Model, dropout};
 
 /// GPT-2's `Conv1D` stores weights `[in, out]`.
 const CONV1D: WeightLayout = WeightLayout::InOut;
-const WEIGHTS_FILE: &str = "model.safetensors";
 const LM_HEAD: &str = "lm_head.weight";
-
-/// How to write a checkpoint: the key prefix and the dtype.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SaveOptions {
-    /// `"transformer."` (`save_pretrained` output) or `""` (the original Hub files).
-    pub prefix: String,
-    /// The dtype of every tensor.
-    pub dtype: FloatDType,
-}
-
-impl SaveOptions {
-    /// The layout and dtype a checkpoint was loaded with.
-    pub fn like(report: &LoadReport) -> Self {
-        SaveOptions {
-            prefix: report.prefix.clone(),
-            dtype: report.dtype,
-        }
-    }
-}
-
-impl Default for SaveOptions {
-    /// What `save_pretrained` writes: `transformer.` prefix, F32.
-    fn default() -> Self {
-        SaveOptions {
-            prefix: "transformer.".into(),
-            dtype: FloatDType::F32,
-        }
-    }
-}
 
 impl<B: Backend> Gpt2LMHeadModel<B> {
     /// Loads `config.json` and `model.safetensors` from `dir`, in either layout.
@@ -157,20 +129,17 @@ impl<B: Backend> Gpt2LMHeadModel<B> {
     /// The tied LM head is not written (as `save_pretrained` does), nor are the
     /// causal-mask buffers, which are not parameters.
     pub fn save(&self, dir: impl AsRef<Path>, options: &SaveOptions) -> Result<(), HubError> {
-        let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| HubError::Io {
-            path: dir.to_path_buf(),
-            error: e,
-        })?;
-        let mut writer = CheckpointWriter::new(options.dtype);
-        self.write_tensors(&mut writer, &options.prefix);
-        writer.write(dir.join(WEIGHTS_FILE))?;
         let mut config = self.config.clone();
         config.extra.insert(
             "architectures".into(),
             serde_json::json!(["GPT2LMHeadModel"]),
         );
-        config::write_config(dir, &config)
+        save_pretrained(
+            dir.as_ref(),
+            options.dtype,
+            |writer| self.write_tensors(writer, &options.prefix),
+            &config,
+        )
     }
 
     /// Adds every parameter to `writer` under its Hugging Face key.

@@ -19,7 +19,7 @@ mod config;
 mod generate;
 mod model;
 
-pub use checkpoint::SaveOptions;
 pub use config::Gpt2Config;
 pub use generate::{GenerateOptions, sample_next};
+pub use mics_hub::SaveOptions;
 pub use model::{Gpt2Attention, Gpt2Block, Gpt2LMHeadModel, Gpt2Mlp, Gpt2Model};

@@ -3,30 +3,23 @@
 //! `valid()` and when the probability is 0; the configuration fields' defaults and
 //! `config.json` round trip; no change to the parameter list.
 
-use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
-
 use burn::backend::{Autodiff, NdArray};
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use mics_gpt::{Gpt2Config, Gpt2LMHeadModel, SaveOptions};
 use mics_hub::CheckpointWriter;
 use mics_plain::Plain;
+use mics_test_support::{param_paths, rng_lock, scratch};
 use serde_json::{Value, json};
+
+/// The tag of this file's scratch directories.
+const SCRATCH: &str = "gpt-dropout";
 
 // Plain<NdArray>: an autodiff backend (below) whether or not Burn's
 // `distributed` autodiff feature is on in this build (crates/plain).
 type B = Plain<NdArray<f32>>;
 type A = Autodiff<B>;
-
-/// NdArray's random generator is process-global: the tests that draw from it (weight
-/// initialisation, dropout masks) take turns so that seeded runs are reproducible
-/// when the tests of this file share a process (`cargo test`).
-fn rng_lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn tiny() -> Gpt2Config {
     Gpt2Config::tiny(50, 16, 2, 2)
@@ -127,43 +120,20 @@ fn zero_dropout_training_forward_equals_inference_exactly() {
     assert_eq!(train, infer);
 }
 
-/// Every parameter's path (`transformer.h.0.attn.c_attn.weight`, ...).
-fn param_paths<M: Module<B>>(module: &M) -> Vec<String> {
-    #[derive(Default)]
-    struct Paths {
-        stack: Vec<String>,
-        found: Vec<String>,
-    }
-    impl ModuleVisitor<B> for Paths {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.push(name.to_string());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<B, D>>) {
-            self.found.push(self.stack.join("."));
-        }
-    }
-    let mut paths = Paths::default();
-    module.visit(&mut paths);
-    paths.found
-}
-
 #[test]
 fn dropout_adds_no_parameters() {
     let _rng = rng_lock();
     let device = Default::default();
     let plain = Gpt2LMHeadModel::<B>::init(&tiny(), &device);
     let dropped = Gpt2LMHeadModel::<B>::init(&tiny().with_dropout(0.3), &device);
-    let paths = param_paths(&dropped);
-    assert_eq!(paths, param_paths(&plain));
+    let paths = param_paths::<B, _>(&dropped);
+    assert_eq!(paths, param_paths::<B, _>(&plain));
     assert_eq!(dropped.num_params(), plain.num_params());
     assert!(paths.iter().all(|p| !p.contains("drop")), "{paths:?}");
     // As many parameter tensors as the checkpoint has keys.
     let mut writer = CheckpointWriter::new(mics_hub::FloatDType::F32);
     dropped.write_tensors(&mut writer, "transformer.");
-    let dir = scratch("keys");
+    let dir = scratch(SCRATCH, "keys");
     std::fs::create_dir_all(&dir).unwrap();
     writer.write(dir.join("model.safetensors")).unwrap();
     let keys = mics_hub::Checkpoint::open(dir.join("model.safetensors"))
@@ -227,18 +197,6 @@ fn with_dropout_sets_all_three_and_validate_checks_them() {
     assert!(err.contains("resid_pdrop"), "{err}");
 }
 
-/// A fresh directory, unique to this call (tests run in parallel threads).
-fn scratch(name: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!(
-        "mics-gpt-dropout-{name}-{}-{n}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
 #[test]
 fn config_json_round_trip_keeps_the_dropout_fields() {
     let config = tiny().with_dropout(0.25);
@@ -252,7 +210,7 @@ fn config_json_round_trip_keeps_the_dropout_fields() {
     let _rng = rng_lock();
     let device = Default::default();
     let model = Gpt2LMHeadModel::<B>::init(&config, &device);
-    let dir = scratch("save");
+    let dir = scratch(SCRATCH, "save");
     model.save(&dir, &SaveOptions::default()).unwrap();
     let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
     for key in ["embd_pdrop", "attn_pdrop", "resid_pdrop"] {

@@ -12,7 +12,11 @@ use mics_hub::{
     Checkpoint, CheckpointWriter, FloatDType, HubError, TextTokenizer, assets::asset_dir,
 };
 use mics_plain::Plain;
+use mics_test_support::{assert_every_parameter_has_a_gradient, scratch};
 use serde_json::Value;
+
+/// The tag of this file's scratch directories.
+const SCRATCH: &str = "gpt-test";
 
 type B = NdArray<f32>;
 
@@ -33,15 +37,6 @@ fn ids_tensor(ids: &[u32]) -> Tensor<B, 2, Int> {
     let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     let n = ids.len();
     Tensor::from_data(TensorData::new(ids, [1, n]), &Default::default())
-}
-
-/// A fresh directory, unique to this call (tests run in parallel threads).
-fn scratch(name: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("mics-gpt-test-{name}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
 }
 
 /// Largest deviation of the model's logits from the reference summary `expected`.
@@ -129,7 +124,7 @@ fn save_load_round_trip_is_bit_exact_with_the_same_keys_shapes_and_dtypes() {
     let device = Default::default();
     for variant in ["hub", "save_pretrained-f16", "hub-bf16"] {
         let (model, report) = Gpt2LMHeadModel::<B>::load(fixture(variant), &device).unwrap();
-        let out = scratch(variant);
+        let out = scratch(SCRATCH, variant);
         model.save(&out, &SaveOptions::like(&report)).unwrap();
         let original = Checkpoint::open(fixture(variant).join("model.safetensors")).unwrap();
         let saved = Checkpoint::open(out.join("model.safetensors")).unwrap();
@@ -263,32 +258,8 @@ fn one_backward_pass_gives_every_parameter_a_gradient() {
         .mean()
         .neg();
     let grads = loss.backward();
-    let mut seen = 0;
-    let params = model.num_params();
-    struct Check<'a> {
-        grads: &'a <A as burn::tensor::backend::AutodiffBackend>::Gradients,
-        seen: &'a mut usize,
-    }
-    impl burn::module::ModuleVisitor<A> for Check<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<A, D>>) {
-            let grad = param
-                .val()
-                .grad(self.grads)
-                .expect("a parameter has no gradient");
-            let norm: f32 = grad.abs().sum().into_scalar();
-            assert!(
-                norm > 0.0,
-                "zero gradient for a parameter of shape {:?}",
-                param.dims()
-            );
-            *self.seen += param.val().shape().num_elements();
-        }
-    }
-    model.visit(&mut Check {
-        grads: &grads,
-        seen: &mut seen,
-    });
-    assert_eq!(seen, params);
+    let seen = assert_every_parameter_has_a_gradient(&model, &grads);
+    assert_eq!(seen, model.num_params());
 }
 
 #[test]

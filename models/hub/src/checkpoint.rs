@@ -359,6 +359,25 @@ impl CheckpointWriter {
     }
 }
 
+/// The weights file of a Hugging Face model directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Writes a Hugging Face model directory as `save_pretrained` does: creates
+/// `dir` if needed, writes [`WEIGHTS_FILE`] with the tensors `add` puts into a
+/// writer of `dtype`, then `config.json` from `config`.
+pub fn save_pretrained<C: serde::Serialize>(
+    dir: &Path,
+    dtype: FloatDType,
+    add: impl FnOnce(&mut CheckpointWriter),
+    config: &C,
+) -> Result<(), HubError> {
+    std::fs::create_dir_all(dir).map_err(|e| HubError::io(dir, e))?;
+    let mut writer = CheckpointWriter::new(dtype);
+    add(&mut writer);
+    writer.write(dir.join(WEIGHTS_FILE))?;
+    crate::config::write_config(dir, config)
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory and a
 /// rename, so readers never see a partial file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HubError> {

@@ -14,7 +14,7 @@ mod error;
 pub mod modules;
 pub mod tokenizer;
 
-pub use checkpoint::{Checkpoint, CheckpointWriter, FloatDType};
+pub use checkpoint::{Checkpoint, CheckpointWriter, FloatDType, WEIGHTS_FILE, save_pretrained};
 pub use error::HubError;
-pub use modules::{LoadReport, WeightLayout};
+pub use modules::{LoadReport, SaveOptions, WeightLayout};
 pub use tokenizer::TextTokenizer;

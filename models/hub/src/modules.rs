@@ -210,6 +210,81 @@ impl fmt::Display for LoadReport {
     }
 }
 
+/// How to write a checkpoint: the key prefix of the base model and the dtype of
+/// every tensor. One type for every model; each has a constructor for what its
+/// `save_pretrained` writes.
+///
+/// The prefix is the one a loader reports ([`LoadReport::prefix`]): GPT-2
+/// `"transformer."` (`save_pretrained` output) or `""` (the original Hub
+/// files); BERT `""` (a `BertModel` file) or `"bert."` (a `BertForMaskedLM`
+/// file). Llama always writes `LlamaForCausalLM.save_pretrained`'s keys
+/// (`model.`) and does not read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SaveOptions {
+    /// The key prefix of the base model.
+    pub prefix: String,
+    /// The dtype of every tensor.
+    pub dtype: FloatDType,
+}
+
+impl SaveOptions {
+    /// Keys under `prefix`, every tensor in `dtype`.
+    pub fn new(prefix: impl Into<String>, dtype: FloatDType) -> Self {
+        SaveOptions {
+            prefix: prefix.into(),
+            dtype,
+        }
+    }
+
+    /// The layout and dtype a checkpoint was loaded with, so that it is written
+    /// back with the same keys and dtypes.
+    pub fn like(report: &LoadReport) -> Self {
+        SaveOptions {
+            prefix: report.prefix.clone(),
+            dtype: report.dtype,
+        }
+    }
+
+    /// What GPT-2's `save_pretrained` writes: the `transformer.` prefix, F32.
+    pub fn gpt2() -> Self {
+        SaveOptions {
+            prefix: "transformer.".into(),
+            dtype: FloatDType::F32,
+        }
+    }
+
+    /// What `BertForMaskedLM.save_pretrained` writes: the `bert.` prefix, F32.
+    pub fn bert_mlm() -> Self {
+        SaveOptions {
+            prefix: "bert.".into(),
+            dtype: FloatDType::F32,
+        }
+    }
+
+    /// What `LlamaForCausalLM.save_pretrained` writes: the `model.` prefix,
+    /// F32.
+    pub fn llama() -> Self {
+        SaveOptions {
+            prefix: "model.".into(),
+            dtype: FloatDType::F32,
+        }
+    }
+
+    /// The same options with every tensor in `dtype`.
+    pub fn with_dtype(mut self, dtype: FloatDType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+}
+
+impl Default for SaveOptions {
+    /// [`SaveOptions::gpt2`], what `mics_gpt::SaveOptions::default()` has always
+    /// meant (Llama, which ignores the prefix, writes F32 with it too).
+    fn default() -> Self {
+        SaveOptions::gpt2()
+    }
+}
+
 fn abbreviate(keys: &[String]) -> String {
     const SHOWN: usize = 4;
     let mut text = keys
@@ -231,4 +306,34 @@ pub fn dense<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let y = layer.forward(x.reshape([batch * seq, d_in]));
     let d_out = y.dims()[1];
     y.reshape([batch, seq, d_out])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_options_per_model_and_like_a_loaded_file() {
+        assert_eq!(
+            SaveOptions::gpt2(),
+            SaveOptions::new("transformer.", FloatDType::F32)
+        );
+        assert_eq!(SaveOptions::default(), SaveOptions::gpt2());
+        assert_eq!(SaveOptions::bert_mlm().prefix, "bert.");
+        assert_eq!(
+            SaveOptions::llama().with_dtype(FloatDType::BF16),
+            SaveOptions::new("model.", FloatDType::BF16)
+        );
+        let report = LoadReport {
+            path: PathBuf::from("model.safetensors"),
+            prefix: "bert.".into(),
+            dtype: FloatDType::F16,
+            initialised: Vec::new(),
+            ignored: Vec::new(),
+        };
+        assert_eq!(
+            SaveOptions::like(&report),
+            SaveOptions::new("bert.", FloatDType::F16)
+        );
+    }
 }

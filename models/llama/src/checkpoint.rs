@@ -6,7 +6,10 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use mics_hub::modules::{LoadReport, WeightLayout, load_embedding, save_linear};
-use mics_hub::{Checkpoint, CheckpointWriter, FloatDType, HubError, config};
+use mics_hub::{
+    Checkpoint, CheckpointWriter, FloatDType, HubError, SaveOptions, WEIGHTS_FILE, config,
+    save_pretrained,
+};
 
 use crate::config::LlamaConfig;
 use crate::model::{
@@ -15,37 +18,10 @@ use crate::model::{
 
 /// `torch.nn.Linear` stores weights `[out, in]`.
 const LINEAR: WeightLayout = WeightLayout::OutIn;
-const WEIGHTS_FILE: &str = "model.safetensors";
 const LM_HEAD: &str = "lm_head.weight";
 const EMBED_TOKENS: &str = "model.embed_tokens.weight";
 /// The key prefix of the base model (`LlamaModel`) in a `LlamaForCausalLM` file.
 const PREFIX: &str = "model.";
-
-/// How to write a checkpoint: the dtype (the keys are always those of
-/// `LlamaForCausalLM.save_pretrained`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SaveOptions {
-    /// The dtype of every tensor.
-    pub dtype: FloatDType,
-}
-
-impl SaveOptions {
-    /// The dtype a checkpoint was loaded with.
-    pub fn like(report: &LoadReport) -> Self {
-        SaveOptions {
-            dtype: report.dtype,
-        }
-    }
-}
-
-impl Default for SaveOptions {
-    /// F32.
-    fn default() -> Self {
-        SaveOptions {
-            dtype: FloatDType::F32,
-        }
-    }
-}
 
 /// Whether `key` is a buffer older transformers releases saved (`inv_freq` of the
 /// rotary embeddings), not a parameter.
@@ -218,16 +194,9 @@ impl<B: Backend> LlamaForCausalLM<B> {
 
     /// Writes `model.safetensors` and `config.json` into `dir` (created if needed),
     /// as `LlamaForCausalLM.save_pretrained` does: a tied LM head is not written, and
-    /// `config.json` names the architecture and the dtype (`torch_dtype`).
+    /// `config.json` names the architecture and the dtype (`torch_dtype`). Only
+    /// `options.dtype` is read: the keys are always `save_pretrained`'s (`model.`).
     pub fn save(&self, dir: impl AsRef<Path>, options: &SaveOptions) -> Result<(), HubError> {
-        let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| HubError::Io {
-            path: dir.to_path_buf(),
-            error: e,
-        })?;
-        let mut writer = CheckpointWriter::new(options.dtype);
-        self.write_tensors(&mut writer);
-        writer.write(dir.join(WEIGHTS_FILE))?;
         let mut config = self.config.clone();
         config.extra.insert(
             "architectures".into(),
@@ -241,7 +210,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
         config
             .extra
             .insert("torch_dtype".into(), serde_json::json!(torch_dtype));
-        config::write_config(dir, &config)
+        save_pretrained(
+            dir.as_ref(),
+            options.dtype,
+            |writer| self.write_tensors(writer),
+            &config,
+        )
     }
 
     /// Adds every parameter to `writer` under its Hugging Face key (`lm_head.weight`

@@ -26,9 +26,9 @@ mod config;
 mod generate;
 mod model;
 
-pub use checkpoint::SaveOptions;
 pub use config::LlamaConfig;
 pub use mics_gpt::{GenerateOptions, sample_next};
+pub use mics_hub::SaveOptions;
 pub use model::{
     LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMlp, LlamaModel,
     LlamaRotaryEmbedding, RmsNorm, apply_rotary_pos_emb, repeat_kv, rotate_half,

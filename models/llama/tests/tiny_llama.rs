@@ -12,7 +12,11 @@ use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use mics_hub::{Checkpoint, CheckpointWriter, FloatDType, HubError, assets::asset_dir};
 use mics_llama::{GenerateOptions, LlamaConfig, LlamaForCausalLM, SaveOptions};
 use mics_plain::Plain;
+use mics_test_support::{assert_every_parameter_has_a_gradient, scratch};
 use serde_json::{Value, json};
+
+/// The tag of this file's scratch directories.
+const SCRATCH: &str = "llama-test";
 
 type B = NdArray<f32>;
 /// The autodiff backend of the training test: `Plain` keeps NdArray an
@@ -57,16 +61,6 @@ fn logits(model: &LlamaForCausalLM<B>, ids: &[u32]) -> Vec<f32> {
         .into_data()
         .to_vec()
         .unwrap()
-}
-
-/// A fresh directory, unique to this call (tests run in parallel threads).
-fn scratch(name: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir =
-        std::env::temp_dir().join(format!("mics-llama-test-{name}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
 }
 
 /// Largest deviation of the model's logits from the reference rows `expected`
@@ -200,7 +194,7 @@ fn save_load_round_trip_is_bit_exact_with_the_same_keys_shapes_and_dtypes() {
     let device = Default::default();
     for variant in ["untied", "untied-f16", "untied-bf16", "tied"] {
         let (model, report) = LlamaForCausalLM::<B>::load(fixture(variant), &device).unwrap();
-        let out = scratch(variant);
+        let out = scratch(SCRATCH, variant);
         model.save(&out, &SaveOptions::like(&report)).unwrap();
         let original = Checkpoint::open(fixture(variant).join("model.safetensors")).unwrap();
         let saved = Checkpoint::open(out.join("model.safetensors")).unwrap();
@@ -259,9 +253,11 @@ fn a_fresh_model_saves_and_loads_in_every_dtype() {
     config.num_key_value_heads = Some(2);
     config.tie_word_embeddings = true;
     let model = LlamaForCausalLM::<B>::init(&config, &device);
-    let out = scratch("fresh");
+    let out = scratch(SCRATCH, "fresh");
     for dtype in [FloatDType::F32, FloatDType::F16, FloatDType::BF16] {
-        model.save(&out, &SaveOptions { dtype }).unwrap();
+        model
+            .save(&out, &SaveOptions::llama().with_dtype(dtype))
+            .unwrap();
         let (loaded, report) = LlamaForCausalLM::<B>::load(&out, &device).unwrap();
         assert_eq!(report.dtype, dtype);
         assert_eq!(loaded.config, {
@@ -427,7 +423,7 @@ fn a_tied_checkpoint_may_hold_lm_head_only_equal_to_the_embeddings() {
 
 /// Loads the untied fixture with its `config.json` changed by `edit`.
 fn load_with_config(name: &str, edit: impl FnOnce(&mut Value)) -> Result<(), HubError> {
-    let dir = scratch(name);
+    let dir = scratch(SCRATCH, name);
     std::fs::create_dir_all(&dir).unwrap();
     let mut config: Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("untied").join("config.json")).unwrap(),
@@ -556,35 +552,7 @@ fn one_backward_pass_gives_every_parameter_a_finite_gradient() {
             .mean()
             .neg();
         let grads = loss.backward();
-        let mut seen = 0;
-        struct Check<'a> {
-            grads: &'a <A as burn::tensor::backend::AutodiffBackend>::Gradients,
-            seen: &'a mut usize,
-        }
-        impl burn::module::ModuleVisitor<A> for Check<'_> {
-            fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<A, D>>) {
-                let grad = param
-                    .val()
-                    .grad(self.grads)
-                    .expect("a parameter has no gradient");
-                let values: Vec<f32> = grad.into_data().to_vec().unwrap();
-                assert!(
-                    values.iter().all(|v| v.is_finite()),
-                    "non-finite gradient for a parameter of shape {:?}",
-                    param.dims()
-                );
-                assert!(
-                    values.iter().any(|&v| v != 0.0),
-                    "zero gradient for a parameter of shape {:?}",
-                    param.dims()
-                );
-                *self.seen += param.val().shape().num_elements();
-            }
-        }
-        model.visit(&mut Check {
-            grads: &grads,
-            seen: &mut seen,
-        });
+        let seen = assert_every_parameter_has_a_gradient(&model, &grads);
         assert_eq!(seen, model.num_params(), "tied {tied}");
     }
 }

@@ -1,8 +1,11 @@
 //! `mics plan --calibrate`: measures this machine (the in-process engine's
 //! collectives, the NdArray backend's matmul and element-wise throughput),
 //! describes it as a planner cluster, predicts the step time of small real
-//! MiCS trainings with the planner's time model, runs them on
-//! `Autodiff<Mics<NdArray>>` over the threads engine, and compares.
+//! MiCS trainings of a small GPT-2 (`mics_gpt`) with the planner's time
+//! model, runs them on `Autodiff<Mics<NdArray>>` over the threads engine, and
+//! compares. The fit and the cluster are the planner's
+//! (`mics_planner::{fit_collectives, machine_cluster}`); this module measures
+//! and reports.
 //!
 //! The machine is modelled as one node of `k = N` "GPUs" (rank threads). The
 //! ranks share the machine's cores and memory bandwidth, so compute and
@@ -15,26 +18,24 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::Module;
-use burn::nn::attention::{
-    MhaInput, MultiHeadAttention, MultiHeadAttentionConfig, generate_autoregressive_mask,
-};
-use burn::nn::{
-    Embedding, EmbeddingConfig, Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-};
 use burn::optim::AdamWConfig;
-use burn::tensor::activation::log_softmax;
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
 use mics_backend::{Mics, MicsRuntime, PrefetchConfig, ShardInit, ShardedOptimizer, shard_module};
 use mics_comm::{Collectives, Communicator, MicsGroups, ReduceOp, ThreadsEngine, Topology};
-use mics_planner::{Architecture, ClusterSpec, ModelSpec, Planner, Strategy, TrainConfig};
+use mics_gpt::{Gpt2Config, Gpt2LMHeadModel};
+use mics_planner::{
+    Architecture, Collective, CollectiveProbe, CommFit, ModelSpec, Planner, SharedThroughput,
+    Strategy, TrainConfig, fit_collectives, machine_cluster,
+};
 use serde_json::{Value, json};
+
+use super::gpu_bench::lm_loss;
 
 /// Sizes of the calibration: the model, the runs and the probes.
 #[derive(Debug, Clone)]
 pub struct Setup {
-    /// Hidden size of the GPT-like model.
+    /// Hidden size of the GPT-2 model.
     pub hidden: usize,
     /// Transformer blocks.
     pub layers: usize,
@@ -94,9 +95,16 @@ impl Setup {
         }
     }
 
+    /// The model: a GPT-2 of these sizes without dropout, its position table
+    /// as long as the sequence.
+    pub fn gpt_config(&self) -> Gpt2Config {
+        let mut config = Gpt2Config::tiny(self.vocab, self.hidden, self.layers, self.heads);
+        config.n_positions = self.seq;
+        config
+    }
+
     /// The model as the planner sees it (GPT layout: learned positions, tied
-    /// head; Burn's attention has separate q/k/v/o projections where GPT-2
-    /// fuses q/k/v, the same parameter count in more tensors).
+    /// head).
     pub fn model_spec(&self) -> ModelSpec {
         ModelSpec {
             name: format!("calibration-gpt-h{}-l{}", self.hidden, self.layers),
@@ -117,49 +125,6 @@ impl Setup {
         ns.dedup();
         ns
     }
-}
-
-/// One timed collective probe.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Probe {
-    /// all_gather, reduce_scatter or all_reduce.
-    pub kind: &'static str,
-    /// Ranks in the group.
-    pub ranks: usize,
-    /// Full message (gathered or reduced) bytes.
-    pub message_bytes: f64,
-    /// Median seconds.
-    pub time_s: f64,
-}
-
-/// Throughput of one rank while `ranks` threads work at once.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Shared {
-    /// Threads working at once.
-    pub ranks: usize,
-    /// Matmul GFLOP/s of one of them, at the model's shapes.
-    pub matmul_gflops: f64,
-    /// Element-wise GB/s (bytes read + written) of one of them.
-    pub elementwise_gbps: f64,
-    /// Median step time of a plain `Autodiff<NdArray>` training step (no
-    /// sharding, no communication) of the calibration model, one per
-    /// thread, all threads at once, s.
-    pub plain_step_s: f64,
-    /// FLOPs of that step at the matmul rate / its measured time: the
-    /// fraction of the matmul rate Burn's whole step reaches.
-    pub compute_efficiency: f64,
-}
-
-/// The alpha-beta fit of the probes, in the planner's ring form
-/// `t = base + steps·hop + factor·M / B`.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct CommFit {
-    /// Fixed cost per collective, µs.
-    pub base_latency_us: f64,
-    /// Cost per ring step, µs.
-    pub hop_latency_us: f64,
-    /// Bandwidth per rank, GB/s.
-    pub bandwidth_gbps: f64,
 }
 
 /// One configuration, predicted and measured.
@@ -193,85 +158,30 @@ pub struct Report {
     /// Parameters of the model.
     pub params: u64,
     /// Collective probes.
-    pub probes: Vec<Probe>,
+    pub probes: Vec<CollectiveProbe>,
     /// Their fit.
     pub fit: CommFit,
     /// Compute and memory throughput per rank under sharing.
-    pub shared: Vec<Shared>,
+    pub shared: Vec<SharedThroughput>,
     /// Predicted vs measured per configuration.
     pub rows: Vec<Row>,
 }
 
 // ---------------------------------------------------------------- the model
 
-#[derive(Module, Debug)]
-struct Block<B: Backend> {
-    ln1: LayerNorm<B>,
-    attn: MultiHeadAttention<B>,
-    ln2: LayerNorm<B>,
-    fc: Linear<B>,
-    proj: Linear<B>,
-}
-
-/// GPT-like: token and position embeddings, pre-norm blocks, final norm,
-/// output head tied to the token embedding.
-#[derive(Module, Debug)]
-struct Gpt<B: Backend> {
-    embed: Embedding<B>,
-    pos: Embedding<B>,
-    blocks: Vec<Block<B>>,
-    ln_f: LayerNorm<B>,
-    act: Gelu,
-}
-
-impl<B: Backend> Gpt<B> {
-    fn new(c: &Setup, device: &B::Device) -> Self {
-        let d = c.hidden;
-        Gpt {
-            embed: EmbeddingConfig::new(c.vocab, d).init(device),
-            pos: EmbeddingConfig::new(c.seq, d).init(device),
-            blocks: (0..c.layers)
-                .map(|_| Block {
-                    ln1: LayerNormConfig::new(d).init(device),
-                    attn: MultiHeadAttentionConfig::new(d, c.heads)
-                        .with_dropout(0.0)
-                        .init(device),
-                    ln2: LayerNormConfig::new(d).init(device),
-                    fc: LinearConfig::new(d, 4 * d).init(device),
-                    proj: LinearConfig::new(4 * d, d).init(device),
-                })
-                .collect(),
-            ln_f: LayerNormConfig::new(d).init(device),
-            act: Gelu::new(),
-        }
-    }
-
-    fn loss(&self, c: &Setup, samples: Range<usize>, device: &B::Device) -> Tensor<B, 1> {
-        let (b, seq, vocab) = (samples.len(), c.seq, c.vocab);
-        let toks =
-            move |s: usize| (0..=seq).map(move |t| ((s * 31 + t * 7 + t * t) % vocab) as i64);
-        let input: Vec<i64> = samples.clone().flat_map(|s| toks(s).take(seq)).collect();
-        let target: Vec<i64> = samples.flat_map(|s| toks(s).skip(1)).collect();
-        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [b, seq]), device);
-        let target = Tensor::<B, 2, Int>::from_data(TensorData::new(target, [b, seq]), device);
-        let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, device)
-            .reshape([1, seq])
-            .repeat_dim(0, b);
-        let mut x = self.embed.forward(input) + self.pos.forward(positions);
-        for blk in &self.blocks {
-            let mask = generate_autoregressive_mask::<B>(b, seq, device);
-            let a = blk
-                .attn
-                .forward(MhaInput::self_attn(blk.ln1.forward(x.clone())).mask_attn(mask));
-            x = x + a.context;
-            let h = blk.ln2.forward(x.clone());
-            x = x.clone() + blk.proj.forward(self.act.forward(blk.fc.forward(h)));
-        }
-        let x = self.ln_f.forward(x);
-        let logits = x.matmul(self.embed.weight.val().transpose().unsqueeze::<3>());
-        let picked = log_softmax(logits, 2).gather(2, target.unsqueeze_dim::<3>(2));
-        picked.mean().neg()
-    }
+/// The calibration model's mean next-token loss on `samples`: sample `s` is
+/// the deterministic sequence `(31·s + 7·t + t²) mod vocab`, `t = 0..=seq`.
+fn loss<B: Backend>(
+    model: &Gpt2LMHeadModel<B>,
+    c: &Setup,
+    samples: Range<usize>,
+    device: &B::Device,
+) -> Tensor<B, 1> {
+    let (b, seq, vocab) = (samples.len(), c.seq, c.vocab);
+    let tokens: Vec<i64> = samples
+        .flat_map(|s| (0..=seq).map(move |t| ((s * 31 + t * 7 + t * t) % vocab) as i64))
+        .collect();
+    lm_loss(model, tokens, b, seq, device)
 }
 
 // ------------------------------------------------------------ measurements
@@ -299,12 +209,16 @@ fn slowest(results: Vec<Result<Vec<f64>, String>>) -> anyhow::Result<Vec<f64>> {
 
 /// Times all-gather, reduce-scatter and all-reduce of each message size over
 /// groups of each size (barrier first; the slowest rank's time; median).
-fn probe_collectives(setup: &Setup, groups: &[usize]) -> anyhow::Result<Vec<Probe>> {
+fn probe_collectives(setup: &Setup, groups: &[usize]) -> anyhow::Result<Vec<CollectiveProbe>> {
     let mut probes = Vec::new();
     for &n in groups.iter().filter(|&&n| n > 1) {
         for &elems in &setup.message_elems {
             let elems = elems.div_ceil(n) * n;
-            for kind in ["all_gather", "reduce_scatter", "all_reduce"] {
+            for kind in [
+                Collective::AllGather,
+                Collective::ReduceScatter,
+                Collective::AllReduce,
+            ] {
                 let reps = setup.probe_reps;
                 let results = ThreadsEngine::new(n).run(|c| {
                     let mut times = Vec::with_capacity(reps);
@@ -312,11 +226,15 @@ fn probe_collectives(setup: &Setup, groups: &[usize]) -> anyhow::Result<Vec<Prob
                         c.barrier().wait().expect("barrier");
                         let t = Instant::now();
                         match kind {
-                            "all_gather" => drop(c.all_gather(vec![1f32; elems / n]).wait()),
-                            "reduce_scatter" => {
+                            Collective::AllGather => {
+                                drop(c.all_gather(vec![1f32; elems / n]).wait())
+                            }
+                            Collective::ReduceScatter => {
                                 drop(c.reduce_scatter(vec![1f32; elems], ReduceOp::Sum).wait())
                             }
-                            _ => drop(c.all_reduce(vec![1f32; elems], ReduceOp::Sum).wait()),
+                            Collective::AllReduce => {
+                                drop(c.all_reduce(vec![1f32; elems], ReduceOp::Sum).wait())
+                            }
                         }
                         if rep > 0 {
                             times.push(t.elapsed().as_secs_f64());
@@ -324,7 +242,7 @@ fn probe_collectives(setup: &Setup, groups: &[usize]) -> anyhow::Result<Vec<Prob
                     }
                     times
                 })?;
-                probes.push(Probe {
+                probes.push(CollectiveProbe {
                     kind,
                     ranks: n,
                     message_bytes: (elems * 4) as f64,
@@ -336,91 +254,11 @@ fn probe_collectives(setup: &Setup, groups: &[usize]) -> anyhow::Result<Vec<Prob
     Ok(probes)
 }
 
-/// Least squares of `t = base + steps·hop + factor·M·(1/B)` over the probes,
-/// with every coefficient kept non-negative (a negative one is dropped and
-/// the rest refitted).
-fn fit_collectives(probes: &[Probe]) -> CommFit {
-    let rows: Vec<([f64; 3], f64)> = probes
-        .iter()
-        .map(|p| {
-            let n = p.ranks as f64;
-            let steps = if p.kind == "all_reduce" {
-                2.0 * (n - 1.0)
-            } else {
-                n - 1.0
-            };
-            ([1.0, steps, steps / n * p.message_bytes], p.time_s)
-        })
-        .collect();
-    let mut active = [true; 3];
-    let mut coef = [0.0; 3];
-    for _ in 0..3 {
-        coef = least_squares(&rows, &active);
-        match (0..3).find(|&i| active[i] && coef[i] < 0.0) {
-            Some(i) => active[i] = false,
-            None => break,
-        }
-    }
-    CommFit {
-        base_latency_us: coef[0].max(0.0) * 1e6,
-        hop_latency_us: coef[1].max(0.0) * 1e6,
-        bandwidth_gbps: if coef[2] > 0.0 {
-            1.0 / coef[2] / 1e9
-        } else {
-            f64::INFINITY
-        },
-    }
-}
-
-/// Solves the normal equations on the active columns (Gaussian elimination).
-fn least_squares(rows: &[([f64; 3], f64)], active: &[bool; 3]) -> [f64; 3] {
-    let cols: Vec<usize> = (0..3).filter(|&i| active[i]).collect();
-    let m = cols.len();
-    let mut a = vec![vec![0.0; m + 1]; m];
-    for (x, y) in rows {
-        // Relative error: weight each probe by 1/t, so small messages count.
-        let w = 1.0 / (y * y).max(1e-18);
-        for (i, &ci) in cols.iter().enumerate() {
-            for (j, &cj) in cols.iter().enumerate() {
-                a[i][j] += w * x[ci] * x[cj];
-            }
-            a[i][m] += w * x[ci] * y;
-        }
-    }
-    for i in 0..m {
-        let pivot = (i..m)
-            .max_by(|&r, &s| a[r][i].abs().total_cmp(&a[s][i].abs()))
-            .unwrap_or(i);
-        a.swap(i, pivot);
-        let d = a[i][i];
-        if d.abs() < 1e-300 {
-            continue;
-        }
-        let pivot_row = a[i].clone();
-        for (r, row) in a.iter_mut().enumerate() {
-            if r != i {
-                let f = row[i] / d;
-                for (x, p) in row.iter_mut().zip(&pivot_row).skip(i) {
-                    *x -= f * p;
-                }
-            }
-        }
-    }
-    let mut out = [0.0; 3];
-    for (i, &ci) in cols.iter().enumerate() {
-        out[ci] = if a[i][i].abs() < 1e-300 {
-            0.0
-        } else {
-            a[i][m] / a[i][i]
-        };
-    }
-    out
-}
-
 /// Matmul GFLOP/s and element-wise GB/s of one thread while `ranks` threads
 /// run the same work at once on NdArray, at the model's matmul shapes (one
-/// forward pass worth: q, k, v, o, fc, proj per layer, the output head).
-fn probe_shared(setup: &Setup, ranks: usize) -> anyhow::Result<Shared> {
+/// forward pass worth: c_attn (q, k, v), c_proj, c_fc, mlp c_proj per layer,
+/// the output head).
+fn probe_shared(setup: &Setup, ranks: usize) -> anyhow::Result<SharedThroughput> {
     type B = NdArray;
     let (t, h, f, v) = (
         setup.batch * setup.seq,
@@ -430,7 +268,8 @@ fn probe_shared(setup: &Setup, ranks: usize) -> anyhow::Result<Shared> {
     );
     let mut shapes = Vec::new();
     for _ in 0..setup.layers {
-        shapes.extend([(t, h, h); 4]);
+        shapes.push((t, h, 3 * h));
+        shapes.push((t, h, h));
         shapes.push((t, h, f));
         shapes.push((t, f, h));
     }
@@ -490,7 +329,7 @@ fn probe_shared(setup: &Setup, ranks: usize) -> anyhow::Result<Shared> {
     let model = setup.model_spec();
     let step_flops =
         (setup.batch * setup.seq) as f64 * model.flops_per_token(model.default_seq, false);
-    Ok(Shared {
+    Ok(SharedThroughput {
         ranks,
         matmul_gflops,
         elementwise_gbps: (elems * 12) as f64 / ew / 1e9,
@@ -512,14 +351,14 @@ fn plain_steps(setup: &Setup, ranks: usize) -> f64 {
                 let barrier = &barrier;
                 scope.spawn(move || {
                     let device = Default::default();
-                    let mut model = Gpt::<B>::new(setup, &device);
-                    let mut optim = AdamWConfig::new().init::<B, Gpt<B>>();
+                    let mut model = Gpt2LMHeadModel::<B>::init(&setup.gpt_config(), &device);
+                    let mut optim = AdamWConfig::new().init::<B, Gpt2LMHeadModel<B>>();
                     let mut times = Vec::new();
                     for step in 0..setup.warmup + setup.steps {
                         barrier.wait();
                         let start = Instant::now();
                         let at = (step * ranks + rank) * setup.batch;
-                        let loss = model.loss(setup, at..at + setup.batch, &device);
+                        let loss = loss(&model, setup, at..at + setup.batch, &device);
                         let grads = GradientsParams::from_grads(loss.backward(), &model);
                         model = optim.step(1e-3, model, grads);
                         if step >= setup.warmup {
@@ -542,42 +381,24 @@ fn plain_steps(setup: &Setup, ranks: usize) -> f64 {
     )
 }
 
-/// This machine as a planner cluster for a configuration of `shared.ranks`
-/// rank threads: one node of k = N, each "GPU" with the matmul rate and the
-/// memory bandwidth one thread gets while N work at once, and the threads
-/// engine's fitted collective costs. The bandwidth efficiency is 1 (the fit
-/// is what the engine reaches); the compute efficiency is 1 (the matmul rate
-/// alone) or, with `step_efficiency`, the fraction of it a plain unsharded
-/// Burn step reaches at the same N ([`Shared::compute_efficiency`]).
-pub fn machine_cluster(shared: &Shared, fit: &CommFit, step_efficiency: bool) -> ClusterSpec {
-    ClusterSpec {
-        name: format!("this-machine-{}", shared.ranks),
-        description: format!(
-            "this machine, {} rank threads sharing its cores (measured)",
-            shared.ranks
-        ),
-        gpus_per_node: shared.ranks as u64,
-        gpu_memory_gib: 1024.0,
-        peak_tflops: shared.matmul_gflops / 1e3,
-        hbm_gbps: shared.elementwise_gbps,
-        intra_node_gbps: fit.bandwidth_gbps,
-        inter_node_gbit: fit.bandwidth_gbps * 8.0,
-        intra_latency_us: fit.hop_latency_us,
-        inter_latency_us: fit.hop_latency_us,
-        base_latency_us: fit.base_latency_us,
-        bandwidth_efficiency: 1.0,
-        compute_efficiency: if step_efficiency {
-            shared.compute_efficiency
-        } else {
-            1.0
-        },
-        reserved_gib: 0.0,
-    }
+/// One rank's run of a configuration.
+struct RankRun {
+    /// Seconds of each timed step.
+    step_s: Vec<f64>,
+    /// Parameter gathers per timed step (the backend's counter).
+    gathers_per_step: f64,
 }
 
-/// Runs (N, p, s) for real; returns the median step time of the slowest
-/// rank and the gathers per step of rank 0.
-fn run_config(setup: &Setup, n: usize, p: usize, s: usize) -> anyhow::Result<(f64, f64)> {
+/// A configuration as it ran.
+struct Measured {
+    /// Median step time of the slowest rank, s.
+    step_s: f64,
+    /// Gathers per step on rank 0.
+    gathers_per_step: f64,
+}
+
+/// Runs (N, p, s) for real.
+fn run_config(setup: &Setup, n: usize, p: usize, s: usize) -> anyhow::Result<Measured> {
     type B = Autodiff<Mics<NdArray>>;
     let topology = Topology::new(n, n, p)?;
     let budget = 2 * 12 * (setup.hidden * setup.hidden * 4) as u64;
@@ -588,7 +409,7 @@ fn run_config(setup: &Setup, n: usize, p: usize, s: usize) -> anyhow::Result<(f6
         let runtime = MicsRuntime::with_prefetch(groups, PrefetchConfig::new(2, budget));
         let device = Default::default();
         let mut model = shard_module(
-            Gpt::<B>::new(setup, &device),
+            Gpt2LMHeadModel::<B>::init(&setup.gpt_config(), &device),
             &runtime,
             ShardInit::Identical,
         );
@@ -604,7 +425,7 @@ fn run_config(setup: &Setup, n: usize, p: usize, s: usize) -> anyhow::Result<(f6
             runtime.begin_step();
             for m in 0..s {
                 let at = ((step * s + m) * n + rank) * setup.batch;
-                let loss = model.loss(setup, at..at + setup.batch, &device);
+                let loss = loss(&model, setup, at..at + setup.batch, &device);
                 optim.accumulate(&model, loss.backward());
             }
             model = optim.step(1e-3, model);
@@ -612,27 +433,20 @@ fn run_config(setup: &Setup, n: usize, p: usize, s: usize) -> anyhow::Result<(f6
                 times.push(start.elapsed().as_secs_f64());
             }
         }
-        let gathers = (runtime.counters().gathers - gathers) as f64 / setup.steps as f64;
-        times.push(gathers);
-        times
+        RankRun {
+            step_s: times,
+            gathers_per_step: (runtime.counters().gathers - gathers) as f64 / setup.steps as f64,
+        }
     })?;
-    let rank0_gathers = results
+    let gathers_per_step = results
         .first()
         .and_then(|r| r.as_ref().ok())
-        .and_then(|t| t.last().copied())
-        .unwrap_or(0.0);
-    let times = slowest(
-        results
-            .into_iter()
-            .map(|r| {
-                r.map(|mut t| {
-                    t.pop();
-                    t
-                })
-            })
-            .collect(),
-    )?;
-    Ok((median(times), rank0_gathers))
+        .map_or(0.0, |r| r.gathers_per_step);
+    let times = slowest(results.into_iter().map(|r| r.map(|r| r.step_s)).collect())?;
+    Ok(Measured {
+        step_s: median(times),
+        gathers_per_step,
+    })
 }
 
 /// Measures, predicts, runs and compares.
@@ -672,7 +486,7 @@ pub fn calibrate(setup: &Setup) -> anyhow::Result<Report> {
         };
         let raw = predict(false)?;
         let estimate = predict(true)?;
-        let (measured_s, gathers_per_step) = run_config(setup, n, p, s)?;
+        let measured = run_config(setup, n, p, s)?;
         rows.push(Row {
             n,
             p,
@@ -680,9 +494,9 @@ pub fn calibrate(setup: &Setup) -> anyhow::Result<Report> {
             predicted_matmul_s: raw.step_time_s,
             predicted_s: estimate.step_time_s,
             predicted_compute_s: estimate.compute_time_s,
-            measured_s,
-            ratio: measured_s / estimate.step_time_s,
-            gathers_per_step,
+            measured_s: measured.step_s,
+            ratio: measured.step_s / estimate.step_time_s,
+            gathers_per_step: measured.gathers_per_step,
         });
     }
     Ok(Report {
@@ -701,7 +515,7 @@ pub fn calibrate(setup: &Setup) -> anyhow::Result<Report> {
 pub fn render(r: &Report) -> String {
     let c = &r.setup;
     let mut out = format!(
-        "calibration model: GPT-like, hidden {}, {} layers, {} heads, vocab {}, seq {}, micro-batch {} per rank ({} parameters, fp32, AdamW)\n",
+        "calibration model: GPT-2, hidden {}, {} layers, {} heads, vocab {}, seq {}, micro-batch {} per rank ({} parameters, fp32, AdamW)\n",
         c.hidden, c.layers, c.heads, c.vocab, c.seq, c.batch, r.params
     );
     out += &format!(
@@ -791,27 +605,5 @@ mod tests {
         assert_eq!(table.lines().filter(|l| l.starts_with("  4")).count(), 2);
         let json = to_json(&report);
         assert_eq!(json["rows"].as_array().unwrap().len(), 4);
-    }
-
-    #[test]
-    fn the_fit_recovers_an_alpha_beta_law() {
-        let probes: Vec<Probe> = [2usize, 4]
-            .iter()
-            .flat_map(|&n| {
-                [1e3, 1e5, 1e7].into_iter().map(move |m| {
-                    let steps = (n - 1) as f64;
-                    Probe {
-                        kind: "all_gather",
-                        ranks: n,
-                        message_bytes: m,
-                        time_s: 20e-6 + steps * 5e-6 + steps / n as f64 * m / 2e9,
-                    }
-                })
-            })
-            .collect();
-        let fit = fit_collectives(&probes);
-        assert!((fit.base_latency_us - 20.0).abs() < 0.1, "{fit:?}");
-        assert!((fit.hop_latency_us - 5.0).abs() < 0.1, "{fit:?}");
-        assert!((fit.bandwidth_gbps - 2.0).abs() < 0.01, "{fit:?}");
     }
 }
