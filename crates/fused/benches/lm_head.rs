@@ -14,7 +14,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use criterion::{Criterion, black_box};
 use mics_fused::{CrossEntropyOptions, linear_cross_entropy};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 // Plain: plain Burn, an autodiff backend under Burn's distributed autodiff too.
 type B = Autodiff<mics_plain::Plain<NdArray>>;

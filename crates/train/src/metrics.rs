@@ -102,7 +102,7 @@ impl MetricsWriter {
     }
 }
 
-static FONT: &[u8] = include_bytes!("../../planner/assets/DejaVuSans.ttf");
+use mics_planner::PLOT_FONT as FONT;
 
 /// Draws training loss (and validation loss where evaluated) against steps.
 pub(crate) fn plot_loss(

@@ -1,5 +1,5 @@
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{Rng, RngExt, SeedableRng, rngs::StdRng};
 
 use crate::model::Gpt2LMHeadModel;
 

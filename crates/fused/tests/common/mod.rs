@@ -7,7 +7,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use mics_fused::IGNORE_INDEX;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 /// A problem: `hidden` `[t, h]`, `weight` `[v, h]`, an optional `bias`
 /// `[v]`, targets, token weights.

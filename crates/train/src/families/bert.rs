@@ -59,13 +59,7 @@ impl ModelFamily for Bert {
     }
 
     fn save<B: Backend>(model: &BertForMaskedLM<B>, dir: &Path) -> Result<(), HubError> {
-        model.save(
-            dir,
-            &mics_bert::SaveOptions {
-                prefix: "bert.".into(),
-                dtype: mics_hub::FloatDType::F32,
-            },
-        )
+        model.save(dir, &mics_bert::SaveOptions::bert_mlm())
     }
 
     fn head<B: Backend>(model: &BertForMaskedLM<B>, input_ids: Tensor<B, 2, Int>) -> Head<B> {

@@ -59,7 +59,7 @@ impl ModelFamily for Gpt2 {
     }
 
     fn save<B: Backend>(model: &Gpt2LMHeadModel<B>, dir: &Path) -> Result<(), HubError> {
-        model.save(dir, &mics_gpt::SaveOptions::default())
+        model.save(dir, &mics_gpt::SaveOptions::gpt2())
     }
 
     fn head<B: Backend>(model: &Gpt2LMHeadModel<B>, input_ids: Tensor<B, 2, Int>) -> Head<B> {

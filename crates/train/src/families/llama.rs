@@ -67,7 +67,7 @@ impl ModelFamily for Llama {
     }
 
     fn save<B: Backend>(model: &LlamaForCausalLM<B>, dir: &Path) -> Result<(), HubError> {
-        model.save(dir, &mics_llama::SaveOptions::default())
+        model.save(dir, &mics_llama::SaveOptions::llama())
     }
 
     fn head<B: Backend>(model: &LlamaForCausalLM<B>, input_ids: Tensor<B, 2, Int>) -> Head<B> {
