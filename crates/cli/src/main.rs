@@ -24,14 +24,15 @@ enum Command {
     Collectives(commands::collectives::Args),
     /// Sentence embeddings (mean-pooled, L2-normalised) from a BERT checkpoint.
     Embed(commands::embed::Args),
-    /// Logits of a token sequence (GPT-2: next token; BERT: masked LM).
+    /// Logits of a token sequence (GPT-2, Llama: next token; BERT: masked LM).
     Logits(commands::logits::Args),
-    /// Sample text from a GPT-2 checkpoint.
+    /// Sample text from a GPT-2 or Llama checkpoint.
     Generate(commands::generate::Args),
     /// Predict memory and step time of DDP, ZeRO-2, ZeRO-3 and MiCS on a cluster.
     Plan(commands::plan::Args),
-    /// Train GPT-2 or BERT sharded with MiCS from a TOML config.
-    Train(commands::train::Args),
+    /// Train GPT-2, BERT or Llama sharded with MiCS from a TOML config, on the
+    /// CPU, wgpu or CUDA.
+    Train(Box<commands::train::Args>),
     /// Write a sharded checkpoint as a Hugging Face-layout directory.
     Export(commands::export::Args),
     /// Prepare tokenized datasets (`mics data prepare`).
@@ -49,7 +50,7 @@ fn main() {
         Command::Logits(args) => commands::logits::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Plan(args) => commands::plan::run(args),
-        Command::Train(args) => commands::train::run(args),
+        Command::Train(args) => commands::train::run(*args),
         Command::Export(args) => commands::export::run(args),
         Command::Data(args) => commands::data::run(args),
         Command::GpuBench(args) => commands::gpu_bench::run(args),
