@@ -52,7 +52,7 @@ pub enum TopologyError {
 }
 
 /// World of `N` ranks, `k` per node, partition groups of `p` ranks
-/// (DESIGN.md, "What MiCS is"). Ranks are numbered node by node.
+/// (docs/design.md, "What MiCS is"). Ranks are numbered node by node.
 ///
 /// Valid layouts: `k` and `p` divide `N`, and a partition group either lies
 /// inside one node (`p` divides `k`) or is made of whole nodes (`k` divides
