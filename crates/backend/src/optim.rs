@@ -60,6 +60,9 @@ pub struct ShardedOptimizer<B: Backend, O: SimpleOptimizer<B>> {
     good_steps: u32,
     skipped_steps: u64,
     last_step_skipped: bool,
+    /// Rebuilds a checkpointed optimizer state with f32 tensors (see
+    /// [`ShardedOptimizer::with_state_loader`]).
+    pub(crate) state_loader: Option<crate::state::StateLoader<B, O>>,
 }
 
 /// Loss scaling, for training whose gradients travel in f16
@@ -107,8 +110,14 @@ impl LossScale {
     /// Dynamic scaling with PyTorch's `GradScaler` defaults: initial scale
     /// 2^16, doubled after 2000 good steps.
     pub fn dynamic() -> LossScale {
+        LossScale::dynamic_from(65536.0)
+    }
+
+    /// Dynamic scaling from the scale `initial`, doubled after 2000 good
+    /// steps (DeepSpeed's `initial_scale_power`, as a scale).
+    pub fn dynamic_from(initial: f32) -> LossScale {
         LossScale::Dynamic {
-            initial: 65536.0,
+            initial,
             growth_interval: 2000,
         }
     }
@@ -126,14 +135,14 @@ impl<B: Backend> ShardedOptimizer<B, AdamW> {
     /// AdamW with Burn's update rule, on shards. Gradient clipping set on
     /// `config` is ignored: use [`ShardedOptimizer::with_grad_clip_norm`].
     pub fn adamw(config: &AdamWConfig, runtime: &Arc<MicsRuntime>) -> Self {
-        Self::new(config.build(), runtime)
+        Self::new(config.build(), runtime).with_state_loader(crate::state::adamw_state::<B>)
     }
 }
 
 impl<B: Backend> ShardedOptimizer<B, Sgd<B>> {
     /// SGD with Burn's update rule (momentum, weight decay), on shards.
     pub fn sgd(config: &SgdConfig, runtime: &Arc<MicsRuntime>) -> Self {
-        Self::new(config.build(), runtime)
+        Self::new(config.build(), runtime).with_state_loader(crate::state::sgd_state::<B>)
     }
 }
 
@@ -157,7 +166,21 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             good_steps: 0,
             skipped_steps: 0,
             last_step_skipped: false,
+            state_loader: None,
         }
+    }
+
+    /// How [`import_state`](Self::import_state) rebuilds this optimizer's
+    /// state from checkpoint bytes when the backend's float element is not
+    /// f32. Burn's record loader converts every float tensor to that element
+    /// (f16 under [`Precision::FP16`](crate::Precision::FP16)), which would
+    /// flush Adam's second moments to zero; the loader must rebuild the state
+    /// with f32 tensors instead. [`adamw`](Self::adamw) and [`sgd`](Self::sgd)
+    /// set theirs; without one, importing a state on such a backend is an
+    /// error, never a silent loss of precision.
+    pub fn with_state_loader(mut self, loader: crate::state::StateLoader<B, O>) -> Self {
+        self.state_loader = Some(loader);
+        self
     }
 
     /// Scale the loss (see [`LossScale`]): multiply every micro-step's loss

@@ -6,14 +6,15 @@
 use std::collections::HashMap;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
-use burn::optim::SimpleOptimizer;
-use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::optim::momentum::MomentumState;
+use burn::optim::{AdamWState, AdaptiveMomentumState, SgdState, SimpleOptimizer};
+use burn::record::{BinBytesRecorder, BurnRecord, FullPrecisionSettings, Record, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Element, Tensor, TensorData, TensorPrimitive};
 
 use crate::gather::primitive_to_vec;
 use crate::shard::sharded_value;
-use crate::tensor::ShardedTensor;
+use crate::tensor::{MASTER, ShardedTensor};
 use crate::{Mics, MicsTensor, ShardedOptimizer};
 
 /// One parameter's part of one rank's training state.
@@ -154,21 +155,32 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             }
             let device = B::float_device(&param.shard);
             if let Some(bytes) = state.optimizer {
-                let optim: O::State<1> =
-                    Recorder::<B>::load(&recorder, bytes, &device).map_err(|err| {
-                        StateError::Optimizer {
-                            path: path.clone(),
-                            error: err.to_string(),
-                        }
+                let optimizer_error = |error: String| StateError::Optimizer {
+                    path: path.clone(),
+                    error,
+                };
+                let optim: O::State<1> = if <B::FloatElem as Element>::dtype() == MASTER {
+                    Recorder::<B>::load(&recorder, bytes, &device)
+                        .map_err(|err| optimizer_error(err.to_string()))?
+                } else {
+                    let loader = self.state_loader.ok_or_else(|| {
+                        optimizer_error(format!(
+                            "Burn's record loader would convert its f32 tensors to the \
+                             backend's {:?}; give the optimizer a state loader \
+                             (ShardedOptimizer::with_state_loader)",
+                            <B::FloatElem as Element>::dtype()
+                        ))
                     })?;
+                    loader(bytes, &device).map_err(optimizer_error)?
+                };
                 optim_states.insert(id, optim);
             }
-            let shard = Tensor::<B, 1>::from_data(
-                TensorData::new(state.shard, [len]).convert_dtype(crate::tensor::MASTER),
+            // The master copy stays f32 whatever the backend's float element
+            // (`Tensor::from_data` would convert to the device's default).
+            let shard = B::float_from_data(
+                TensorData::new(state.shard, [len]).convert_dtype(MASTER),
                 &device,
-            )
-            .into_primitive()
-            .tensor();
+            );
             updated.insert(id, sharded_value(id, shard, &sharded));
         }
         if let Some(path) = by_path.into_keys().min() {
@@ -210,4 +222,68 @@ where
         };
         self.params.push((self.path.join("."), param.id, sharded));
     }
+}
+
+/// Rebuilds an optimizer's state for one shard from its checkpoint bytes
+/// (Burn's `BinBytesRecorder` at full precision) with f32 tensors on
+/// `device`; see [`ShardedOptimizer::with_state_loader`].
+pub type StateLoader<B, O> =
+    fn(Vec<u8>, &burn::tensor::Device<B>) -> Result<<O as SimpleOptimizer<B>>::State<1>, String>;
+
+type Full = FullPrecisionSettings;
+
+/// The record item inside checkpoint bytes, without Burn's conversion of its
+/// tensors to the backend's float element.
+fn record_item<B: Backend, R: Record<B>>(mut bytes: Vec<u8>) -> Result<R::Item<Full>, String> {
+    let recorder = BinBytesRecorder::<Full>::default();
+    let record: BurnRecord<R::Item<Full>, B> =
+        Recorder::<B>::load_item(&recorder, &mut bytes).map_err(|err| err.to_string())?;
+    Ok(record.item)
+}
+
+/// A tensor of a record item as an f32 tensor on `device`: the item's data
+/// (private to Burn) read back through its serialised form, which is
+/// exactly a `TensorData`.
+fn master_tensor<B: Backend>(
+    item: impl serde::Serialize,
+    device: &B::Device,
+) -> Result<Tensor<B, 1>, String> {
+    let recorder = BinBytesRecorder::<Full>::default();
+    let mut bytes = Recorder::<B>::save_item(&recorder, item, ()).map_err(|e| e.to_string())?;
+    let data: TensorData =
+        Recorder::<B>::load_item(&recorder, &mut bytes).map_err(|e| e.to_string())?;
+    let data = data.convert_dtype(MASTER);
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(
+        B::float_from_data(data, device),
+    )))
+}
+
+/// [`StateLoader`] of Burn's AdamW: the moments in f32.
+pub(crate) fn adamw_state<B: Backend>(
+    bytes: Vec<u8>,
+    device: &B::Device,
+) -> Result<AdamWState<B, 1>, String> {
+    let momentum = record_item::<B, AdamWState<B, 1>>(bytes)?.momentum;
+    Ok(AdamWState::new(AdaptiveMomentumState {
+        time: momentum.time,
+        moment_1: master_tensor(momentum.moment_1, device)?,
+        moment_2: master_tensor(momentum.moment_2, device)?,
+        max_moment_2: momentum
+            .max_moment_2
+            .map(|t| master_tensor(t, device))
+            .transpose()?,
+    }))
+}
+
+/// [`StateLoader`] of Burn's SGD: the velocity in f32.
+pub(crate) fn sgd_state<B: Backend>(
+    bytes: Vec<u8>,
+    device: &B::Device,
+) -> Result<SgdState<B, 1>, String> {
+    let momentum = record_item::<B, SgdState<B, 1>>(bytes)?.momentum;
+    Ok(SgdState::new(
+        momentum
+            .map(|m| master_tensor(m.velocity, device).map(MomentumState::new))
+            .transpose()?,
+    ))
 }

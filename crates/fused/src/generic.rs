@@ -9,6 +9,12 @@
 //! `w_t g (softmax - onehot)`, multiplies it into the chunk's rows of
 //! `d hidden` and into `d weight`, and adds its column sums to `d bias`.
 //! No host read-back, so nothing waits on the device.
+//!
+//! The matmuls run in the inputs' dtype; the softmax, the loss and the sums
+//! over chunks run in f32, as PyTorch's autocast does for cross-entropy: in
+//! f16 the summed loss of a few thousand tokens overflows (65504), and the
+//! exponentials' sum over a 50k vocabulary comes close. The loss is
+//! returned in f32; the gradients in the inputs' dtype.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
@@ -79,12 +85,12 @@ pub fn fused_linear_cross_entropy<B: Backend>(
     let [tokens, _] = hidden.dims();
     let device = hidden.device();
     let dtype = hidden.dtype();
-    let (safe, weights) = prepare::<B>(targets, token_weights, dtype);
+    let (safe, weights) = prepare::<B>(targets, token_weights, DType::F32);
     let bias = bias_row::<B>(bias, dtype);
     let weight_t = weight.transpose();
-    let mut total = Tensor::<B, 1>::zeros([1], (&device, dtype));
+    let mut total = Tensor::<B, 1>::zeros([1], (&device, DType::F32));
     for (start, end) in chunks(tokens, chunk_tokens) {
-        let logits = logits(hidden.clone().slice(start..end), &weight_t, &bias);
+        let logits = logits(hidden.clone().slice(start..end), &weight_t, &bias).cast(DType::F32);
         let max = logits.clone().max_dim(1);
         let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
         let target = logits.gather(1, safe.clone().slice(start..end).unsqueeze_dim(1));
@@ -112,18 +118,21 @@ pub fn fused_linear_cross_entropy_backward<B: Backend>(
     let weight = float::<B, 2>(weight);
     let [tokens, _] = hidden.dims();
     let dtype = hidden.dtype();
-    let (safe, weights) = prepare::<B>(targets, token_weights, dtype);
+    let device = hidden.device();
+    let (safe, weights) = prepare::<B>(targets, token_weights, DType::F32);
     // Each token's factor w_t * g.
-    let grad = float::<B, 1>(grad_output).reshape([1]).cast(dtype);
+    let grad = float::<B, 1>(grad_output).reshape([1]).cast(DType::F32);
     let scale = weights * grad;
     let bias = bias_row::<B>(bias, dtype);
     let weight_t = weight.clone().transpose();
-    let mut grad_weight = weight.zeros_like();
-    let mut grad_bias = bias.as_ref().map(|b| b.zeros_like());
+    let mut grad_weight = Tensor::<B, 2>::zeros(weight.dims(), (&device, DType::F32));
+    let mut grad_bias = bias
+        .as_ref()
+        .map(|b| Tensor::<B, 2>::zeros(b.dims(), (&device, DType::F32)));
     let mut grad_hidden = Vec::new();
     for (start, end) in chunks(tokens, chunk_tokens) {
         let h = hidden.clone().slice(start..end);
-        let logits = logits(h.clone(), &weight_t, &bias);
+        let logits = logits(h.clone(), &weight_t, &bias).cast(DType::F32);
         let max = logits.clone().max_dim(1);
         let exp = (logits - max).exp();
         let sum = exp.clone().sum_dim(1);
@@ -135,11 +144,13 @@ pub fn fused_linear_cross_entropy_backward<B: Backend>(
             s.neg(),
             IndexingUpdateOp::Add,
         );
-        grad_hidden.push(g.clone().matmul(weight.clone()));
         if let Some(gb) = grad_bias {
             grad_bias = Some(gb + g.clone().sum_dim(0));
         }
-        grad_weight = grad_weight + g.transpose().matmul(h);
+        // The matmuls in the compute dtype, their sums over chunks in f32.
+        let g = g.cast(dtype);
+        grad_hidden.push(g.clone().matmul(weight.clone()));
+        grad_weight = grad_weight + g.transpose().matmul(h).cast(DType::F32);
     }
     let grad_hidden = if grad_hidden.is_empty() {
         hidden.zeros_like()
@@ -148,7 +159,7 @@ pub fn fused_linear_cross_entropy_backward<B: Backend>(
     };
     (
         grad_hidden.into_primitive().tensor(),
-        grad_weight.into_primitive().tensor(),
-        grad_bias.map(|gb| gb.squeeze_dim::<1>(0).into_primitive().tensor()),
+        grad_weight.cast(dtype).into_primitive().tensor(),
+        grad_bias.map(|gb| gb.squeeze_dim::<1>(0).cast(dtype).into_primitive().tensor()),
     )
 }

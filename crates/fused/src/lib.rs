@@ -197,7 +197,8 @@ pub trait FusedCrossEntropyBackend: Backend {
 /// masked-LM head has one, `cls.predictions.bias`, or a `Linear`'s bias);
 /// `targets`: `[T]` token ids, [`IGNORE_INDEX`] for tokens that do not
 /// count; `token_weights`: `[T]`, each token's factor. Returns a 1-element
-/// tensor: the sum over the counted tokens. On an autodiff backend,
+/// tensor: the sum over the counted tokens, in f32 whatever the inputs' dtype
+/// (in f16 the sum of a few thousand tokens' losses would overflow). On an autodiff backend,
 /// gradients flow to whichever of `hidden`, `weight` and `bias` is tracked
 /// (not to `token_weights`, treated as constants).
 ///

@@ -137,6 +137,14 @@ pub struct OptimConfig {
     /// NdArray has no half-precision tensors: on `cpu` compute stays f32.
     #[serde(default)]
     pub precision: Precision,
+    /// fp16's first loss scale (dynamic loss scaling: a step whose gradients
+    /// overflow is skipped and the scale halved; 2000 good steps in a row
+    /// double it). Default 65536, as PyTorch's `GradScaler` and DeepSpeed;
+    /// gradients travel in f16, so the first steps of a run may overflow at
+    /// it and be skipped (their log line shows `grad_norm inf`). A power of
+    /// two scales exactly.
+    #[serde(default = "default_initial_loss_scale")]
+    pub initial_loss_scale: f32,
     /// The optimizer: `adamw` (default) or `sgd`.
     #[serde(default)]
     pub optimizer: OptimizerKind,
@@ -379,6 +387,9 @@ fn default_eps() -> f32 {
 }
 fn default_clip() -> f32 {
     1.0
+}
+fn default_initial_loss_scale() -> f32 {
+    65536.0
 }
 fn default_eval_batches() -> u64 {
     2
@@ -637,6 +648,12 @@ impl TrainConfig {
             return bad(
                 "train.grad_clip",
                 format!("{} is not a number >= 0 (0 disables clipping)", t.grad_clip),
+            );
+        }
+        if !(t.initial_loss_scale.is_finite() && t.initial_loss_scale >= 1.0) {
+            return bad(
+                "train.initial_loss_scale",
+                format!("{} is not a number >= 1", t.initial_loss_scale),
             );
         }
         if !(t.momentum.is_finite() && (0.0..1.0).contains(&t.momentum)) {

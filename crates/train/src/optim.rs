@@ -41,7 +41,7 @@ impl<B: TrainBackend> Optim<B> {
         runtime: &Arc<MicsRuntime>,
     ) -> Optim<B> {
         let scaling = match precision {
-            Precision::Fp16 => LossScale::dynamic(),
+            Precision::Fp16 => LossScale::dynamic_from(t.initial_loss_scale),
             Precision::Fp32 | Precision::Bf16 => LossScale::None,
         };
         fn finish<B: TrainBackend, O: SimpleOptimizer<B>>(

@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
-use burn::tensor::ElementConversion;
 use burn::tensor::backend::Backend;
 use mics_backend::{Mics, MicsRuntime, PrefetchConfig, ShardInit, shard_module};
 use mics_comm::{Collectives, Communicator, MicsGroups, ReduceOp, Topology};
@@ -213,7 +212,8 @@ where
             let batch = self.task.batch(&self.data.train, &windows, scale)?;
             let head = F::head(&model, batch.inputs(&self.device));
             let loss = batch.loss(head, &self.head, &self.device);
-            loss_sum += loss.clone().into_scalar().elem::<f32>();
+            // The fused loss is f32 whatever the compute dtype: read it whole.
+            loss_sum += loss.clone().into_data().iter::<f32>().sum::<f32>();
             let scaled = loss * self.optim.loss_scale();
             self.optim.accumulate(&model, scaled.backward());
         }

@@ -259,12 +259,18 @@ fn checkpoints_move_between_wgpu_and_the_cpu() {
 
 /// fp16 on wgpu: forward and backward in half precision on f32 master
 /// shards, dynamic loss scaling whose state is saved in the checkpoint and
-/// restored on resume.
+/// restored on resume, with the masters and Adam's moments still f32 (Burn's
+/// record loader alone would bring the moments back in f16, where the second
+/// moments flush to zero and the next update blows up).
 #[test]
 fn fp16_on_wgpu_trains_near_fp32_and_resumes_its_loss_scale() {
     let dir = scratch("wgpu-fp16");
     let sh = shape(2, 2, None, 2, 1);
-    let run = |precision: mics_train::Precision, out: &str, steps: u64, resume: bool| {
+    let run = |precision: mics_train::Precision,
+               initial_scale: f32,
+               out: &str,
+               steps: u64,
+               resume: bool| {
         let out = dir.join(out);
         let mut c = config(
             "gpt2",
@@ -275,22 +281,9 @@ fn fp16_on_wgpu_trains_near_fp32_and_resumes_its_loss_scale() {
         );
         c.train.device = Device::Wgpu;
         c.train.precision = precision;
+        c.train.initial_loss_scale = initial_scale;
         train(&c, resume.then_some(out.as_path())).unwrap()
     };
-    let full = run(mics_train::Precision::Fp32, "fp32", 4, false);
-    let half = run(mics_train::Precision::Fp16, "fp16", 4, false);
-    let mut worst = 0f64;
-    for (a, b) in full.losses.iter().zip(&half.losses) {
-        let e = (a - b).abs() / a.abs();
-        assert!(e <= 2e-2, "fp16 loss {b} vs fp32 {a}");
-        worst = worst.max(e);
-    }
-    assert!(
-        worst > 0.0,
-        "fp16 gave exactly the fp32 losses: half precision not applied"
-    );
-    eprintln!("fp16 vs fp32 on wgpu: worst relative loss difference {worst:e}");
-    // The loss scale is in the index, and a resumed run carries on counting.
     let scale = |run: &str, step: u64| -> serde_json::Value {
         let index = dir
             .join(run)
@@ -299,17 +292,43 @@ fn fp16_on_wgpu_trains_near_fp32_and_resumes_its_loss_scale() {
             serde_json::from_str(&std::fs::read_to_string(index).unwrap()).unwrap();
         index["loss_scale"].clone()
     };
-    assert_eq!(scale("fp16", 2)["good_steps"], 2);
-    assert_eq!(scale("fp16", 4)["good_steps"], 4);
-    run(mics_train::Precision::Fp16, "split", 2, false);
-    let rest = run(mics_train::Precision::Fp16, "split", 4, true);
+    // At a scale where nothing overflows, fp16 follows fp32 step by step.
+    let full = run(mics_train::Precision::Fp32, 1024.0, "fp32", 4, false);
+    let half = run(mics_train::Precision::Fp16, 1024.0, "fp16", 4, false);
+    let mut worst = 0f64;
+    for (a, b) in full.losses.iter().zip(&half.losses) {
+        let e = (a - b).abs() / a.abs();
+        assert!(e <= 2e-3, "fp16 loss {b} vs fp32 {a}");
+        worst = worst.max(e);
+    }
+    assert!(
+        worst > 0.0,
+        "fp16 gave exactly the fp32 losses: half precision not applied"
+    );
+    eprintln!("fp16 vs fp32 on wgpu: worst relative loss difference {worst:e}");
+    assert_eq!(
+        scale("fp16", 4),
+        serde_json::json!({"scale": 1024.0, "good_steps": 4, "skipped_steps": 0})
+    );
+    // At 2^16 (the default) this model's first gradients overflow f16: the
+    // step is skipped (the parameters unchanged, so the second step's loss
+    // is the fp32 run's first-step loss on the second batch: not checked
+    // here) and the scale halves; the next steps are good.
+    run(mics_train::Precision::Fp16, 65536.0, "fp16-2^16", 2, false);
+    assert_eq!(
+        scale("fp16-2^16", 2),
+        serde_json::json!({"scale": 32768.0, "good_steps": 1, "skipped_steps": 1})
+    );
+    // The loss scale, the f32 masters and the f32 moments survive a resume:
+    // the resumed run is the uninterrupted one.
+    run(mics_train::Precision::Fp16, 1024.0, "split", 2, false);
+    let rest = run(mics_train::Precision::Fp16, 1024.0, "split", 4, true);
     assert_eq!(rest.start_step, 2);
     assert_eq!(
-        scale("split", 4)["good_steps"],
-        4,
+        scale("split", 4),
+        scale("fp16", 4),
         "the loss scale state was not restored"
     );
-    assert_eq!(scale("split", 4), scale("fp16", 4));
     assert_eq!(
         rest.losses[..],
         half.losses[2..],
