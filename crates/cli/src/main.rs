@@ -31,7 +31,7 @@ enum Command {
     /// Predict memory and step time of DDP, ZeRO-2, ZeRO-3 and MiCS on a cluster.
     Plan(commands::plan::Args),
     /// Train GPT-2 or BERT sharded with MiCS from a TOML config.
-    Train(commands::train::Args),
+    Train(Box<commands::train::Args>),
     /// Write a sharded checkpoint as a Hugging Face-layout directory.
     Export(commands::export::Args),
     /// Prepare tokenized datasets (`mics data prepare`).
@@ -43,13 +43,25 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Unix tools end quietly when the reader of their output goes away
+    // (`mics logits ... | head -c 10`): SIGPIPE back to its default for
+    // every command but `train`, whose MPI sockets must not raise it (its
+    // summary handles a broken pipe itself).
+    #[cfg(unix)]
+    if !matches!(cli.command, Command::Train(_)) {
+        // SAFETY: restoring a signal's default disposition before any
+        // thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Collectives(args) => commands::collectives::run(args),
         Command::Embed(args) => commands::embed::run(args),
         Command::Logits(args) => commands::logits::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Plan(args) => commands::plan::run(args),
-        Command::Train(args) => commands::train::run(args),
+        Command::Train(args) => commands::train::run(*args),
         Command::Export(args) => commands::export::run(args),
         Command::Data(args) => commands::data::run(args),
         Command::GpuBench(args) => commands::gpu_bench::run(args),

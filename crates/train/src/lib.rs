@@ -48,17 +48,24 @@ mod eval;
 mod export;
 pub mod families;
 mod family;
+mod fault;
+mod integrity;
 mod launch;
+pub mod memory;
 mod metrics;
 mod optim;
+mod optim_state;
+mod panics;
 mod schedule;
+mod signals;
 mod summary;
 mod task;
 mod trainer;
+mod watchdog;
 
 use std::path::{Path, PathBuf};
 
-pub use checkpoint::{CheckpointIndex, resolve_checkpoint};
+pub use checkpoint::{CHECKPOINT_FORMAT, CheckpointIndex, OLDEST_FORMAT, resolve_checkpoint};
 pub use config::{
     DataConfig, Device, EngineKind, ModelConfig, OptimConfig, OptimizerKind, OutputConfig,
     Overrides, ParallelConfig, Precision, TrainConfig,
@@ -66,8 +73,12 @@ pub use config::{
 pub use device::{BackendTask, TrainBackend, param_values, with_backend};
 pub use export::export;
 pub use family::{Head, ModelFamily, ModelSpec, ModelType};
+pub use integrity::{CHECKSUM_ALGORITHM, FileChecksums, ModelCheck, verify_model};
 pub use metrics::{StepMetrics, read_metrics};
 pub use schedule::learning_rate;
+pub use signals::{
+    SIGINT, SIGTERM, install_stop_handlers, request_stop, signal_name, stop_requested,
+};
 pub use summary::TrainSummary;
 pub use task::{Batch, Task, TaskKind};
 
@@ -81,6 +92,18 @@ pub enum RunOutcome {
     Follower {
         /// The rank this process ran.
         rank: usize,
+    },
+    /// Every rank stopped on SIGINT or SIGTERM after the same step.
+    Stopped {
+        /// The signal ([`SIGINT`], [`SIGTERM`]).
+        signal: i32,
+        /// Steps done.
+        step: u64,
+        /// The checkpoint written at that step (none with
+        /// `--no-checkpoint-on-signal`).
+        checkpoint: Option<PathBuf>,
+        /// Whether this process ran rank 0 (which reports).
+        leader: bool,
     },
 }
 
@@ -134,6 +157,67 @@ pub enum TrainError {
         /// What is wrong.
         problem: String,
     },
+    /// A file of a checkpoint or an exported model does not match the
+    /// checksum recorded when it was written.
+    #[error("{}: {}{problem}", path.display(), tensor.as_ref().map(|t| format!("tensor `{t}`: ")).unwrap_or_default())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The first tensor whose data differs, when one does.
+        tensor: Option<String>,
+        /// What differs.
+        problem: String,
+    },
+    /// A loaded parameter or optimizer state holds NaN or infinity.
+    #[error(
+        "{}: tensor `{tensor}` holds a non-finite value ({value}) at element {index}: the \
+         checkpoint's values are unusable (resume from an earlier checkpoint)",
+        path.display()
+    )]
+    NonFinite {
+        /// The file.
+        path: PathBuf,
+        /// The tensor (`param.<path>` or `optim.<path>.<moment>`).
+        tensor: String,
+        /// The first bad element.
+        index: usize,
+        /// Its value.
+        value: f32,
+    },
+    /// The run cannot fit the memory it may use: the estimate, before
+    /// anything large is allocated.
+    #[error(
+        "{key} = {value}: a rank needs about {} ({detail}) but may use {} ({budget_source})",
+        human_bytes(*needed),
+        human_bytes(*budget)
+    )]
+    TooLarge {
+        /// The key whose value the size depends on most.
+        key: String,
+        /// Its value.
+        value: String,
+        /// Estimated bytes per rank.
+        needed: f64,
+        /// Bytes a rank may use.
+        budget: f64,
+        /// Where the estimate goes.
+        detail: String,
+        /// Where the budget comes from.
+        budget_source: String,
+    },
+    /// A rank made no progress while the others waited for it, for longer
+    /// than the failure-detection timeout.
+    #[error(
+        "rank {rank} made no progress for {seconds} s while the other ranks waited for it \
+         (parallel.failure_timeout_s = {seconds}): it is hung; the run stops (the last \
+         checkpoint is intact)"
+    )]
+    Hung {
+        /// The rank that stopped progressing.
+        rank: usize,
+        /// The failure-detection timeout.
+        seconds: u64,
+    },
     /// A collective failed or timed out.
     #[error("communication: {0}")]
     Comm(mics_comm::CommError),
@@ -145,13 +229,31 @@ pub enum TrainError {
         /// The error.
         problem: String,
     },
-    /// A rank failed: its own error, reported by the launcher for the run.
-    #[error("rank {rank}: {message}")]
+    /// A rank failed: its own error, reported by the launcher for the run
+    /// ([`TrainError::root`] is the error itself).
+    #[error("rank {rank}: {error}")]
     Rank {
         /// The rank that failed first.
         rank: usize,
         /// Its error.
+        error: Box<TrainError>,
+    },
+    /// A rank panicked (a bug, or a backend's failure with no error path).
+    #[error("panicked{}: {message}", place.as_ref().map(|p| format!(" at {p}")).unwrap_or_default())]
+    Panicked {
+        /// The panic's message.
         message: String,
+        /// Where, when known.
+        place: Option<String>,
+    },
+    /// A collective failed on this rank because another rank left or
+    /// failed first (that rank reports its own error).
+    #[error("rank {rank} stopped: {problem}")]
+    PeerLost {
+        /// This rank.
+        rank: usize,
+        /// The collective's failure.
+        problem: String,
     },
     /// This rank stopped because other ranks failed (their errors are
     /// reported by those ranks).
@@ -217,7 +319,49 @@ impl From<mics_comm::CommError> for TrainError {
     }
 }
 
+/// `bytes` as `1.5 GiB`, `12.0 MiB`, `512 B`.
+pub fn human_bytes(bytes: f64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if !bytes.is_finite() {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{value:.0} B")
+    } else if value >= 1e4 {
+        format!("{value:.3e} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 impl TrainError {
+    /// The error itself, without the [`TrainError::Rank`] that says which
+    /// rank reported it.
+    pub fn root(&self) -> &TrainError {
+        match self {
+            TrainError::Rank { error, .. } => error.root(),
+            other => other,
+        }
+    }
+
+    /// The error of an I/O failure of `mics-hub` on `path`, naming the path
+    /// once.
+    pub(crate) fn hub_io(err: mics_hub::HubError) -> TrainError {
+        match err {
+            mics_hub::HubError::Io { path, error } => TrainError::Io {
+                path,
+                problem: error.to_string(),
+            },
+            other => TrainError::Model(other),
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, err: impl std::fmt::Display) -> TrainError {
         TrainError::Io {
             path: path.into(),
