@@ -45,10 +45,10 @@ fn main() {
     let cli = Cli::parse();
     // Unix tools end quietly when the reader of their output goes away
     // (`mics logits ... | head -c 10`): SIGPIPE back to its default for
-    // every command but `train`, whose MPI sockets must not raise it (its
-    // summary handles a broken pipe itself).
+    // every command but `train` and `gpu-bench`, whose MPI and NCCL sockets
+    // must not raise it (`train`'s summary handles a broken pipe itself).
     #[cfg(unix)]
-    if !matches!(cli.command, Command::Train(_)) {
+    if !matches!(cli.command, Command::Train(_) | Command::GpuBench(_)) {
         // SAFETY: restoring a signal's default disposition before any
         // thread starts.
         unsafe {

@@ -451,8 +451,28 @@ fn mpi(config: &TrainConfig, resume: Option<&Path>) -> Result<RunOutcome, TrainE
         None => context(&config, resume, false),
     };
     let ctx = agree(&comm, ctx)?;
-    let end = catch_rank(rank, || run_rank(comm.clone(), &ctx, Beat::default()))?;
-    Ok(outcome(end, rank))
+    // Failure detection across processes: a generation agreed from rank 0's
+    // clock (two 16-bit halves, exact in f32) tells this run's heartbeat
+    // files from an earlier run's.
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u32)
+        .unwrap_or(0);
+    let halves = vec![(clock & 0xffff) as f32, (clock >> 16) as f32];
+    let halves = comm.broadcast(halves, 0).wait()?;
+    let generation = halves[0] as u64 | ((halves[1] as u64) << 16);
+    let watchdog = Watchdog::start_files(
+        ctx.config.output.dir.join(".heartbeats"),
+        rank,
+        comm.size(),
+        generation,
+        ctx.config.parallel.failure_timeout_s,
+    );
+    let beat = watchdog.beat(0);
+    let end = catch_rank(rank, || run_rank(comm.clone(), &ctx, beat.clone()));
+    beat.finish();
+    drop(watchdog);
+    Ok(outcome(end?, rank))
 }
 
 #[cfg(not(feature = "mpi"))]

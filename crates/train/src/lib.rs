@@ -7,7 +7,8 @@
 //! processes), and on every rank shards the model with `mics-backend`, trains
 //! it with AdamW (warm-up + cosine decay, global-norm clipping) on that
 //! rank's share of each global batch, evaluates on the validation split, and
-//! writes sharded checkpoints from which `--resume` continues bit for bit.
+//! writes sharded, checksummed checkpoints from which `--resume` continues
+//! bit for bit (or on another topology, re-sharded).
 //! Rank 0 writes the metrics (JSON lines), the loss curve (PNG) and a summary.
 //! [`export`] turns a sharded checkpoint into a Hugging Face-layout
 //! directory that `mics embed`, `mics logits` and `mics generate` load.
@@ -23,19 +24,82 @@
 //! └── checkpoints/
 //!     ├── latest                name of the newest complete checkpoint
 //!     └── step-000100/
-//!         ├── index.json        step, topology, sampler position, model config
+//!         ├── index.json        step, topology, sampler position, model config,
+//!         │                     checksums of every file and tensor
 //!         ├── tokenizer.json
 //!         └── rank-00000.safetensors ...   shard + optimizer state per rank
 //! ```
+//!
+//! # Checkpoints that survive anything
+//!
+//! - **Integrity.** `index.json` (format 2) records the xxh3-64 checksum of
+//!   every file of the checkpoint and of every tensor of every rank file;
+//!   every rank file records the step, topology, global batch, seed and
+//!   tokens seen in its metadata. Resuming and exporting verify the
+//!   checksums of the files they read: a flipped byte is one
+//!   [`TrainError::Corrupt`] naming the file and the tensor. `index.json` is
+//!   cross-checked against the rank files (an edited step is refused), and
+//!   a NaN or infinity in a loaded parameter or AdamW/SGD moment is a
+//!   [`TrainError::NonFinite`] naming the tensor, at load. Format 1
+//!   checkpoints (written before checksums) still load, checked as far as
+//!   they record. [`export`] writes the checksum of every tensor into the
+//!   exported `model.safetensors`'s metadata (`mics.checksum.<tensor>`), which
+//!   [`verify_model`] (and `mics logits|generate|embed`, unless
+//!   `--no-verify`) checks.
+//! - **Resume on any topology.** A checkpoint written at (N, p, k) resumes
+//!   at any valid (N', p', k'): each new rank cuts its shard of every
+//!   parameter and optimizer moment from partition group 0's files. The
+//!   global batch N·b·s stays the checkpoint's: when N changes,
+//!   `train.grad_accum` becomes what keeps it (a line says so), and the
+//!   losses continue those of the run that wrote it (to float tolerance:
+//!   another N sums in another order). Another global batch needs
+//!   `--allow-global-batch-change` (`train.allow_global_batch_change`).
+//! - **Atomic commits, bounded disk.** Ranks write into
+//!   `.step-N.partial/`, which rank 0 renames once every rank succeeded; any
+//!   failure (a full disk: the error names the file being written) removes
+//!   it. Each commit removes stale `.partial` directories of killed runs,
+//!   and `train.checkpoint_keep = K` keeps only the newest K checkpoints.
+//! - **Clean stops.** With [`install_stop_handlers`] (as `mics train`
+//!   does), SIGINT or SIGTERM (also as forwarded by `mpirun` to every rank)
+//!   lets every rank finish its step; the ranks agree through the step's
+//!   loss all-reduce, write a checkpoint (unless
+//!   `train.checkpoint_on_signal = false`, `--no-checkpoint-on-signal`), and
+//!   [`train`] returns [`RunOutcome::Stopped`]; `mics train` prints one line
+//!   and exits 130 (SIGINT) or 143 (SIGTERM). A second signal exits at once.
+//! - **Sizes checked before they allocate.** Before the model is built, the
+//!   memory one rank needs is estimated from the config ([`memory`]:
+//!   parameter, gradient and moment shards, gathered parameters, the
+//!   activations of one micro-batch, the LM head's 256-token logits chunk,
+//!   set-up) and compared with `parallel.memory_budget` (`--memory-budget`;
+//!   default the machine's `MemAvailable` divided among the ranks sharing
+//!   it): too large is one [`TrainError::TooLarge`] naming the key that
+//!   matters most and the estimate. `parallel.partition_size = "auto"`
+//!   (`--partition-size auto`) picks the smallest p that fits, printed at
+//!   start.
+//! - **Failures as one line.** A rank's error stops every rank; the others
+//!   report [`TrainError::PeerFailed`] or, when a collective inside a Burn op
+//!   failed because of it, [`TrainError::PeerLost`], never a panic trace,
+//!   and the launcher reports the first rank's own error.
+//!   `parallel.timeout_s` (default 300 s) bounds every collective, including
+//!   long legitimate waits (rank 0 preparing the dataset or committing a
+//!   checkpoint); `parallel.failure_timeout_s` (default 60 s, at most
+//!   `timeout_s`) is the failure detection of in-process ranks: one that
+//!   makes no progress for that long while the others wait for it is named
+//!   as hung ([`TrainError::Hung`]) and the process exits 1. Under `mpirun`
+//!   a dead process ends the job through MPI, a stopped one through the
+//!   collective timeout.
+//! - **Fault injection.** `MICS_FAULT_INJECT` (comma-separated) drives the
+//!   tests: `abort-before-commit:STEP`, `enospc:FILE`, `metrics-write:STEP`,
+//!   `hang:RANK:STEP`, `slow-steps:MS`.
 //!
 //! # Reproducibility
 //!
 //! The global batch of step t depends only on the seed, t and N·b·s, so
 //! runs with different (N, p, k, s) and the same global batch see the same
 //! samples and, without dropout, reach the same losses to float tolerance.
-//! Resuming restores the shards and AdamW moments exactly and continues the
-//! sampler at the saved step: the losses after a resume are bit-identical to
-//! an uninterrupted run. Dropout masks come from `Mics`' per-thread random
+//! Resuming on the same topology restores the shards and AdamW moments
+//! exactly and continues the sampler at the saved step: the losses after a
+//! resume are bit-identical to an uninterrupted run. Dropout masks come from `Mics`' per-thread random
 //! generator, reseeded from (seed, step, rank) at every step, so they too are
 //! the same run after run and after a resume, whatever the thread timing.
 

@@ -11,12 +11,17 @@
 //! one error line naming the rank and exits the process with status 1; the
 //! last committed checkpoint is intact.
 //!
+//! Under `mpirun` each process holds one rank: there the counters travel
+//! through small files in `<output.dir>/.heartbeats/` (the ranks share
+//! the output directory, as they do for checkpoints), written by each
+//! process's monitor every 250 ms and read by all of them, so a process
+//! that stops (SIGSTOP, a hung node) or a rank thread that hangs is named
+//! by the others within the failure timeout too.
+//!
 //! The collective timeout (`parallel.timeout_s`) still bounds every single
 //! collective, including the long legitimate waits a step does not have
 //! (rank 0 preparing the dataset or committing a checkpoint while the
-//! others wait). Under `mpirun` each process holds one rank, so this
-//! monitor sees no peers: MPI ends the job when a rank's process dies, and
-//! the collective timeout when one stops.
+//! others wait).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +33,18 @@ struct Shared {
     progress: Vec<AtomicU64>,
     finished: Vec<AtomicBool>,
     stop: AtomicBool,
+}
+
+/// Where the ranks of other processes publish their counters.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+struct Files {
+    dir: std::path::PathBuf,
+    /// This process's rank (its counter is slot 0 of `Shared`).
+    rank: usize,
+    world: usize,
+    /// Agreed by the ranks at start, so that files of an earlier run in the
+    /// same directory are not taken for this one's.
+    generation: u64,
 }
 
 /// The monitor of a process's ranks; stops when dropped.
@@ -72,6 +89,39 @@ impl Watchdog {
             std::thread::Builder::new()
                 .name("mics-watchdog".into())
                 .spawn(move || monitor(&shared, Duration::from_secs(timeout_s)))
+                .expect("spawning the watchdog")
+        });
+        Watchdog { shared, monitor }
+    }
+
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    /// Watches the `world` ranks of a multi-process job through files in
+    /// `dir` (this process runs `rank`); its one counter is [`beat`]`(0)`.
+    ///
+    /// [`beat`]: Watchdog::beat
+    pub(crate) fn start_files(
+        dir: std::path::PathBuf,
+        rank: usize,
+        world: usize,
+        generation: u64,
+        timeout_s: u64,
+    ) -> Watchdog {
+        let shared = Arc::new(Shared {
+            progress: vec![AtomicU64::new(0)],
+            finished: vec![AtomicBool::new(false)],
+            stop: AtomicBool::new(false),
+        });
+        let files = Files {
+            dir,
+            rank,
+            world,
+            generation,
+        };
+        let monitor = (timeout_s > 0 && world > 1).then(|| {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("mics-watchdog".into())
+                .spawn(move || monitor_files(&shared, &files, Duration::from_secs(timeout_s)))
                 .expect("spawning the watchdog")
         });
         Watchdog { shared, monitor }
@@ -126,6 +176,72 @@ fn monitor(shared: &Shared, timeout: Duration) {
     }
 }
 
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+impl Files {
+    fn path(&self, rank: usize) -> std::path::PathBuf {
+        self.dir.join(format!("rank-{rank:05}"))
+    }
+
+    /// Publishes this rank's counter.
+    fn write(&self, progress: u64, finished: bool) {
+        let path = self.path(self.rank);
+        let tmp = self.dir.join(format!(".rank-{:05}.tmp", self.rank));
+        let text = format!("{} {progress} {}\n", self.generation, u8::from(finished));
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+
+    /// Every rank's (counter, finished); a rank whose file is missing or of
+    /// another run counts as not started.
+    fn read(&self) -> (Vec<u64>, Vec<bool>) {
+        (0..self.world)
+            .map(|r| {
+                std::fs::read_to_string(self.path(r))
+                    .ok()
+                    .and_then(|text| {
+                        let mut parts = text.split_whitespace();
+                        let generation: u64 = parts.next()?.parse().ok()?;
+                        let progress: u64 = parts.next()?.parse().ok()?;
+                        let finished = parts.next()? == "1";
+                        (generation == self.generation).then_some((progress, finished))
+                    })
+                    .unwrap_or((0, false))
+            })
+            .unzip()
+    }
+}
+
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+fn monitor_files(shared: &Shared, files: &Files, timeout: Duration) {
+    let _ = std::fs::create_dir_all(&files.dir);
+    let mut seen: Vec<(u64, Instant)> = (0..files.world).map(|_| (0, Instant::now())).collect();
+    loop {
+        let stopping = shared.stop.load(Ordering::SeqCst);
+        let finished = stopping || shared.finished[0].load(Ordering::SeqCst);
+        files.write(shared.progress[0].load(Ordering::SeqCst), finished);
+        if stopping {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        let now = Instant::now();
+        let (current, done) = files.read();
+        for r in 0..files.world {
+            if current[r] != seen[r].0 {
+                seen[r] = (current[r], now);
+            }
+        }
+        if let Some(rank) = hung(&current, &done, &seen, now, timeout) {
+            let err = TrainError::Hung {
+                rank,
+                seconds: timeout.as_secs(),
+            };
+            eprintln!("error: training failed: {err}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// The rank that is hung: unfinished, unchanged for `timeout`, while an
 /// unfinished rank is past it.
 fn hung(
@@ -145,6 +261,26 @@ fn hung(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeat_files_of_another_run_count_as_not_started() {
+        let dir = std::env::temp_dir().join(format!("mics-beats-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = |rank, generation| Files {
+            dir: dir.clone(),
+            rank,
+            world: 3,
+            generation,
+        };
+        files(0, 7).write(12, false);
+        files(1, 7).write(9, true);
+        files(2, 6).write(40, false);
+        assert_eq!(
+            files(0, 7).read(),
+            (vec![12, 9, 0], vec![false, true, false])
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_rank_behind_the_others_and_still_is_hung() {
