@@ -979,4 +979,37 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A NaN in an optimizer moment is refused at load, naming the tensor
+    /// and the moment (checksums recorded as written: it is not corruption).
+    #[test]
+    fn a_non_finite_moment_is_named_at_load() {
+        let dir = std::env::temp_dir().join(format!("mics-nan-moment-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut index = synthetic(&dir, 2, 2, &[6, 4]);
+        let mut states = resume_states(&dir, &index, 0, 2, 2).unwrap();
+        let moment = ShardState::AdamW {
+            time: 3,
+            moment_1: vec![0.0; 2],
+            moment_2: vec![1.0, f32::INFINITY],
+            max_moment_2: None,
+        };
+        states[1].optimizer = Some(moment.encode().unwrap());
+        let sums = write_rank_file(&dir, 0, &states, &RankMeta::of(&index)).unwrap();
+        index.checksums.insert(rank_file_name(0), sums);
+        match load_rank_file(&dir, &index, 0).err() {
+            Some(TrainError::NonFinite {
+                tensor,
+                index,
+                value,
+                ..
+            }) => {
+                assert_eq!(tensor, "optim.p1 (moment_2)");
+                assert_eq!((index, value), (1, f32::INFINITY));
+            }
+            other => panic!("{other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

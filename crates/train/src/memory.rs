@@ -22,8 +22,10 @@
 //! training. The budget is `parallel.memory_budget`, by default the
 //! machine's available memory (`MemAvailable`) divided among the ranks that
 //! share it (every rank of the in-process engines; the ranks per node under
-//! `mpirun`). On a GPU device the estimate is the same and the budget
-//! should be given (`--memory-budget`): the default is the host's memory.
+//! `mpirun`). On a GPU device the estimate is the same, compared with
+//! `--memory-budget` when given (the device's memory per rank); without
+//! it only the initial parameters, which live on the host, are checked
+//! against the host's memory, and `partition_size = "auto"` needs it.
 
 use crate::{
     Device, EngineKind, OptimizerKind, ParallelConfig, TrainConfig, TrainError, human_bytes,
@@ -361,6 +363,16 @@ pub fn fit(
     let ranks = ranks_on_machine(&config);
     let budget = budget(config.parallel.memory_budget.as_deref(), available, ranks);
     if config.parallel.partition_size == ParallelConfig::AUTO {
+        if config.train.device != Device::Cpu && config.parallel.memory_budget.is_none() {
+            return Err(TrainError::Invalid {
+                key: "parallel.partition_size".into(),
+                problem: format!(
+                    "`auto` on {} needs the device's memory per rank as --memory-budget \
+                     (parallel.memory_budget)",
+                    config.train.device
+                ),
+            });
+        }
         let sizes = valid_partition_sizes(&config);
         let Some(budget) = budget else {
             return Err(TrainError::Invalid {
@@ -395,24 +407,39 @@ pub fn fit(
     }
     if let Some(budget) = budget {
         let p = config.parallel.partition_size;
-        if estimate(&inputs(&config, dims, p)).total() > budget.bytes {
-            return Err(too_large(&config, dims, p, &budget));
+        let e = estimate(&inputs(&config, dims, p));
+        // On a GPU without a budget given, the default budget is the host's
+        // memory, which holds only the initial parameters: the rest lives
+        // on the device, whose memory this estimate is not told.
+        let host_only =
+            config.train.device != Device::Cpu && config.parallel.memory_budget.is_none();
+        let need = if host_only { e.initial } else { e.total() };
+        if need > budget.bytes {
+            return Err(too_large_with(&config, dims, p, &budget, Some(need)));
         }
     }
     Ok((config, None))
 }
 
 fn too_large(config: &TrainConfig, dims: ModelDims, p: usize, budget: &Budget) -> TrainError {
+    too_large_with(config, dims, p, budget, None)
+}
+
+/// [`too_large`] with the bytes that did not fit, when not the total.
+fn too_large_with(
+    config: &TrainConfig,
+    dims: ModelDims,
+    p: usize,
+    budget: &Budget,
+    needed: Option<f64>,
+) -> TrainError {
     let e = estimate(&inputs(config, dims, p));
     let (key, value) = culprit(config, dims, p);
-    let mut budget_source = budget.source.clone();
-    if config.train.device != Device::Cpu && config.parallel.memory_budget.is_none() {
-        budget_source.push_str("; on a GPU pass its memory as --memory-budget");
-    }
+    let budget_source = budget.source.clone();
     TrainError::TooLarge {
         key,
         value,
-        needed: e.total(),
+        needed: needed.unwrap_or(e.total()),
         budget: budget.bytes,
         detail: format!("at partition size {p}: {}", e.describe()),
         budget_source,
@@ -504,6 +531,54 @@ mod tests {
                     MemAvailable:   21000000 kB\nBuffers:  1 kB\n";
         assert_eq!(mem_available(text), Some(21_000_000.0 * 1024.0));
         assert_eq!(mem_available("MemTotal: 5 kB\n"), None);
+    }
+
+    fn config(device: &str, micro_batch: usize, extra: &str) -> TrainConfig {
+        TrainConfig::parse(
+            &format!(
+                "[model]\ntype = \"gpt2\"\n[data]\ncorpus = \"c\"\ntokenizer = \"t\"\n\
+                 seq_len = 1024\n[train]\nsteps = 1\nmicro_batch = {micro_batch}\nlr = 0.1\n\
+                 device = \"{device}\"\n[parallel]\nworld = 4\n{extra}"
+            ),
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_cpu_run_is_held_to_its_budget_and_a_gpu_run_to_the_host_part_unless_told() {
+        let available = Some(64.0 * 1024f64.powi(3));
+        // GPT-2 124M at b = 100000: activations of petabytes, far over
+        // 16 GiB a rank; b = 1 would fit, s = 1 would not.
+        let err = fit(&config("cpu", 100_000, ""), dims(), available).unwrap_err();
+        match err {
+            TrainError::TooLarge { key, .. } => assert_eq!(key, "train.micro_batch"),
+            other => panic!("{other}"),
+        }
+        // On a GPU the activations are the device's: the host holds the
+        // initial parameters only.
+        assert!(fit(&config("cuda", 100_000, ""), dims(), available).is_ok());
+        // Told the device's memory, the whole estimate counts again.
+        let told = config("cuda", 100_000, "memory_budget = \"80GiB\"");
+        assert!(matches!(
+            fit(&told, dims(), available),
+            Err(TrainError::TooLarge { .. })
+        ));
+        // `auto` on a GPU needs to be told.
+        let auto = config("cuda", 1, "partition_size = \"auto\"");
+        assert!(matches!(
+            fit(&auto, dims(), available),
+            Err(TrainError::Invalid { .. })
+        ));
+        // On the CPU, `auto` takes the smallest p that fits: at b = 1 each
+        // rank needs about 4.7 GiB at p = 1, 2.7 GiB at p = 2.
+        let auto = config(
+            "cpu",
+            1,
+            "partition_size = \"auto\"\nmemory_budget = \"4GiB\"",
+        );
+        let (chosen, line) = fit(&auto, dims(), available).unwrap();
+        assert_eq!(chosen.parallel.partition_size, 2, "{line:?}");
     }
 
     #[test]
