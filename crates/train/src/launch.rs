@@ -451,6 +451,22 @@ fn mpi(config: &TrainConfig, resume: Option<&Path>) -> Result<RunOutcome, TrainE
         None => context(&config, resume, false),
     };
     let ctx = agree(&comm, ctx)?;
+    // `partition_size = "auto"` is chosen from each node's memory: every
+    // rank must have chosen rank 0's p.
+    let chosen = ctx.config.parallel.partition_size;
+    let first = comm.broadcast(vec![chosen as f32], 0).wait()?[0] as usize;
+    let same = if first == chosen {
+        Ok(())
+    } else {
+        Err(TrainError::Invalid {
+            key: "parallel.partition_size".into(),
+            problem: format!(
+                "`auto` chose p = {first} on rank 0 but p = {chosen} on rank {rank} (their \
+                 nodes' available memory differs): set the partition size"
+            ),
+        })
+    };
+    agree(&comm, same)?;
     // Failure detection across processes: a generation agreed from rank 0's
     // clock (two 16-bit halves, exact in f32) tells this run's heartbeat
     // files from an earlier run's.
