@@ -44,6 +44,18 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Unix tools end quietly when the reader of their output goes away
+    // (`mics logits ... | head -c 10`): SIGPIPE back to its default for
+    // every command but `train` and `gpu-bench`, whose MPI and NCCL sockets
+    // must not raise it (`train`'s summary handles a broken pipe itself).
+    #[cfg(unix)]
+    if !matches!(cli.command, Command::Train(_) | Command::GpuBench(_)) {
+        // SAFETY: restoring a signal's default disposition before any
+        // thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Collectives(args) => commands::collectives::run(args),
         Command::Embed(args) => commands::embed::run(args),

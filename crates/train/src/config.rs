@@ -121,6 +121,19 @@ pub struct OptimConfig {
     /// Write a sharded checkpoint every this many steps (0: only at the end).
     #[serde(default)]
     pub checkpoint_every: u64,
+    /// Keep only the newest this many checkpoints (0, the default: keep
+    /// all), as Hugging Face's `save_total_limit`.
+    #[serde(default)]
+    pub checkpoint_keep: usize,
+    /// On SIGINT or SIGTERM, write a checkpoint after the current step
+    /// before stopping (the default; `--no-checkpoint-on-signal` skips it).
+    #[serde(default = "yes")]
+    pub checkpoint_on_signal: bool,
+    /// Resume a checkpoint with another global batch (N·b·s) than it was
+    /// written with: the sampler then draws batches of the new size from
+    /// the saved step on, so the losses no longer continue the saved run's.
+    #[serde(default)]
+    pub allow_global_batch_change: bool,
     /// Print a log line every this many steps when stderr is not a terminal.
     #[serde(default = "default_log_every")]
     pub log_every: u64,
@@ -276,8 +289,15 @@ pub struct ParallelConfig {
     /// Ranks N (with MPI: the number of processes, checked).
     #[serde(default = "one")]
     pub world: usize,
-    /// Partition size p: ranks sharing one replica of the model states.
-    #[serde(default = "one")]
+    /// Partition size p: ranks sharing one replica of the model states; in
+    /// TOML an integer or `"auto"` ([`ParallelConfig::AUTO`]): the smallest
+    /// p whose estimated memory per rank fits the memory budget, chosen at
+    /// launch.
+    #[serde(
+        default = "one",
+        deserialize_with = "partition_from_toml",
+        serialize_with = "partition_to_toml"
+    )]
     pub partition_size: usize,
     /// Ranks per node k (default: all ranks on one node).
     #[serde(default)]
@@ -288,9 +308,22 @@ pub struct ParallelConfig {
     /// Parameters gathered ahead of use (0 turns prefetch off).
     #[serde(default = "default_prefetch_depth")]
     pub prefetch_depth: usize,
-    /// Collective timeout in seconds.
+    /// Collective timeout in seconds: how long any one collective waits for
+    /// every rank (long: it covers rank 0 preparing the dataset or
+    /// committing a checkpoint while the others wait).
     #[serde(default = "default_timeout")]
     pub timeout_s: u64,
+    /// Failure-detection timeout in seconds (shorter): an in-process rank
+    /// that makes no progress for this long while the others wait for it
+    /// is declared hung and the run ends with an error naming it.
+    #[serde(default = "default_failure_timeout")]
+    pub failure_timeout_s: u64,
+    /// Memory one rank may use, e.g. `"6GiB"`, `"512MB"` or bytes (default:
+    /// the machine's available memory divided among the ranks that share
+    /// it). Configs whose estimate exceeds it are refused before anything
+    /// large is allocated; `partition_size = "auto"` picks p by it.
+    #[serde(default)]
+    pub memory_budget: Option<String>,
     /// Reduce-scatter gradients during backward, as soon as each is complete
     /// (the default), or only once backward has returned (for measuring the
     /// overlap; the results are the same).
@@ -320,6 +353,8 @@ impl Default for ParallelConfig {
             engine: EngineKind::Threads,
             prefetch_depth: default_prefetch_depth(),
             timeout_s: default_timeout(),
+            failure_timeout_s: default_failure_timeout(),
+            memory_budget: None,
             reduce_in_backward: true,
             bucket_mb: default_bucket_mb(),
             latency_us: 0,
@@ -403,6 +438,47 @@ fn default_prefetch_depth() -> usize {
 fn default_timeout() -> u64 {
     300
 }
+fn default_failure_timeout() -> u64 {
+    60
+}
+
+impl ParallelConfig {
+    /// `partition_size = "auto"` before launch resolves it.
+    pub const AUTO: usize = 0;
+}
+
+fn partition_from_toml<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Number(usize),
+        Text(String),
+    }
+    match Value::deserialize(d)? {
+        Value::Number(p) => Ok(p),
+        Value::Text(t) => parse_partition_size(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+fn partition_to_toml<S: serde::Serializer>(p: &usize, s: S) -> Result<S::Ok, S::Error> {
+    if *p == ParallelConfig::AUTO {
+        s.serialize_str("auto")
+    } else {
+        s.serialize_u64(*p as u64)
+    }
+}
+
+/// `auto` or a partition size.
+fn parse_partition_size(text: &str) -> Result<usize, String> {
+    match text {
+        "auto" => Ok(ParallelConfig::AUTO),
+        other => other
+            .parse()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| format!("`{other}` is neither a partition size nor `auto`")),
+    }
+}
 fn default_out() -> PathBuf {
     PathBuf::from("runs/latest")
 }
@@ -414,9 +490,20 @@ pub struct Overrides {
     /// Ranks N (`parallel.world`; under mpirun, the launcher's by default).
     #[arg(long)]
     pub world: Option<usize>,
-    /// Partition size p, dividing N (`parallel.partition_size`).
-    #[arg(long)]
+    /// Partition size p, dividing N, or `auto`: the smallest p that fits
+    /// the memory budget (`parallel.partition_size`).
+    #[arg(long, value_parser = parse_partition_size)]
     pub partition_size: Option<usize>,
+    /// Memory one rank may use, e.g. `6GiB` (`parallel.memory_budget`;
+    /// default: available memory / ranks on this machine).
+    #[arg(long)]
+    pub memory_budget: Option<String>,
+    /// Collective timeout in seconds (`parallel.timeout_s`).
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    /// Failure-detection timeout in seconds (`parallel.failure_timeout_s`).
+    #[arg(long)]
+    pub failure_timeout_s: Option<u64>,
     /// Ranks per node k, dividing N (`parallel.ranks_per_node`).
     #[arg(long)]
     pub ranks_per_node: Option<usize>,
@@ -473,6 +560,19 @@ pub struct Overrides {
     /// Write a sharded checkpoint every this many steps (`train.checkpoint_every`).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
+    /// Keep only the newest K checkpoints, 0 keeps all (`train.checkpoint_keep`).
+    #[arg(long)]
+    pub checkpoint_keep: Option<usize>,
+    /// On SIGINT/SIGTERM stop after the current step without writing a
+    /// checkpoint (`train.checkpoint_on_signal = false`).
+    #[arg(long)]
+    pub no_checkpoint_on_signal: bool,
+    /// Resume a checkpoint with another global batch (world × micro-batch ×
+    /// grad-accum) than it was saved with: the batches from the saved step
+    /// on are drawn at the new size, so the losses no longer continue the
+    /// saved run's (`train.allow_global_batch_change`).
+    #[arg(long)]
+    pub allow_global_batch_change: bool,
     /// The token-shard directory, prepared there when missing (`data.dataset`).
     #[arg(long)]
     pub dataset: Option<PathBuf>,
@@ -542,6 +642,11 @@ impl TrainConfig {
         set(&mut p.latency_us, o.latency_us);
         set(&mut p.bucket_mb, o.bucket_mb);
         set(&mut p.partition_size, o.partition_size);
+        set(&mut p.timeout_s, o.timeout_s);
+        set(&mut p.failure_timeout_s, o.failure_timeout_s);
+        if o.memory_budget.is_some() {
+            p.memory_budget = o.memory_budget.clone();
+        }
         if o.ranks_per_node.is_some() {
             p.ranks_per_node = o.ranks_per_node;
         }
@@ -555,6 +660,13 @@ impl TrainConfig {
         set(&mut t.warmup_steps, o.warmup_steps);
         set(&mut t.eval_every, o.eval_every);
         set(&mut t.checkpoint_every, o.checkpoint_every);
+        set(&mut t.checkpoint_keep, o.checkpoint_keep);
+        if o.no_checkpoint_on_signal {
+            t.checkpoint_on_signal = false;
+        }
+        if o.allow_global_batch_change {
+            t.allow_global_batch_change = true;
+        }
         set(&mut t.device, o.device);
         set(&mut t.precision, o.precision);
         set(&mut self.model.dropout, o.dropout);
@@ -587,7 +699,7 @@ impl TrainConfig {
         if p.world == 0 {
             return bad("parallel.world", "must be at least 1".into());
         }
-        if p.partition_size == 0 || !p.world.is_multiple_of(p.partition_size) {
+        if p.partition_size != ParallelConfig::AUTO && !p.world.is_multiple_of(p.partition_size) {
             return bad(
                 "parallel.partition_size",
                 format!(
@@ -661,6 +773,36 @@ impl TrainConfig {
         }
         if p.timeout_s == 0 {
             return bad("parallel.timeout_s", "must be at least 1 second".into());
+        }
+        if p.failure_timeout_s == 0 || p.failure_timeout_s > p.timeout_s {
+            return bad(
+                "parallel.failure_timeout_s",
+                format!(
+                    "{} is not in [1, parallel.timeout_s = {}] seconds",
+                    p.failure_timeout_s, p.timeout_s
+                ),
+            );
+        }
+        if let Some(budget) = &p.memory_budget {
+            crate::memory::parse_bytes(budget).map_err(|problem| TrainError::Invalid {
+                key: "parallel.memory_budget".into(),
+                problem,
+            })?;
+        }
+        if p.world
+            .checked_mul(t.micro_batch)
+            .and_then(|g| g.checked_mul(t.grad_accum))
+            .and_then(|g| g.checked_mul(self.data.seq_len))
+            .is_none()
+        {
+            return bad(
+                "train.micro_batch",
+                format!(
+                    "world {} × micro_batch {} × grad_accum {} × seq_len {} tokens per step \
+                     overflows",
+                    p.world, t.micro_batch, t.grad_accum, self.data.seq_len
+                ),
+            );
         }
         if !(0.0..1.0).contains(&self.model.dropout) {
             return bad(

@@ -102,22 +102,14 @@ fn cuda<T: BackendTask>(_: usize, _: Precision, _: T) -> Result<T::Output, Train
 /// back. A missing GPU, driver or Vulkan adapter makes Burn's backends
 /// panic on first use; this turns that into one error naming the device.
 pub(crate) fn probe<B: Backend>(name: Device, device: &B::Device) -> Result<(), TrainError> {
-    // The panic hook is process-wide and ranks probe from their own threads:
-    // unserialized, one rank could take the other's silent hook as "previous"
-    // and leave it installed, hiding every later panic message.
-    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _swapping = HOOK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Tensor::<B, 1>::ones([2], device).sum().into_scalar()
-    }));
-    std::panic::set_hook(previous);
+    // Quietly: the hook stays the process's (swapping it from several rank
+    // threads at once could leave the silent one installed).
+    let result = crate::panics::quietly(|| Tensor::<B, 1>::ones([2], device).sum().into_scalar());
     match result {
         Ok(_) => Ok(()),
-        Err(panic) => Err(TrainError::Device {
+        Err((text, _)) => Err(TrainError::Device {
             device: name.to_string(),
-            problem: panic_text(&*panic),
+            problem: text,
         }),
     }
 }

@@ -81,7 +81,9 @@ fn export_family<F: ModelFamily>(
     let device = Default::default();
     let model = fill(F::init::<NdArray>(&config, &device), values, dir)?;
     F::save(&model, out)?;
-    Ok(())
+    // The tensors' checksums in the file's metadata: `mics logits`,
+    // `generate` and `embed` verify them.
+    crate::integrity::add_checksums(&out.join("model.safetensors"))
 }
 
 /// `model` with every parameter replaced by the value of its module path.

@@ -17,6 +17,7 @@ use mics_hub::{HubError, LoadReport};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelConfig;
+use crate::memory::ModelDims;
 use crate::task::TaskKind;
 
 /// The model families `mics train` knows (`model.type`).
@@ -113,6 +114,9 @@ pub trait ModelFamily: 'static {
     fn vocab_size(config: &Self::Config) -> usize;
     /// The longest sequence the model takes.
     fn max_positions(config: &Self::Config) -> usize;
+    /// The sizes the memory estimate needs, parameters counted from the
+    /// configuration alone (nothing is allocated).
+    fn dims(config: &Self::Config) -> ModelDims;
 
     /// A freshly initialised model.
     fn init<B: Backend>(config: &Self::Config, device: &B::Device) -> Self::Model<B>;
@@ -165,6 +169,11 @@ impl ModelSpec {
     /// Size of the vocabulary.
     pub fn vocab_size(&self) -> Result<usize, String> {
         crate::with_family!(self.kind, |F| self.config::<F>().map(|c| F::vocab_size(&c)))
+    }
+
+    /// The sizes the memory estimate needs.
+    pub fn dims(&self) -> Result<ModelDims, String> {
+        crate::with_family!(self.kind, |F| self.config::<F>().map(|c| F::dims(&c)))
     }
 
     /// Longest sequence the model takes.

@@ -18,9 +18,10 @@ use mics_datasets::{Corpus, DatasetMeta, PrepareOptions, TokenizerSpec, open_met
 use crate::checkpoint::{self, CheckpointIndex};
 use crate::device::{BackendTask, TrainBackend, probe, with_backend};
 use crate::family::{ModelFamily, ModelSpec};
-use crate::{
-    EngineKind, ModelType, RunOutcome, TrainConfig, TrainError, TrainSummary, trainer, with_family,
-};
+use crate::panics::catch_rank;
+use crate::trainer::RankEnd;
+use crate::watchdog::{Beat, Watchdog};
+use crate::{EngineKind, ModelType, RunOutcome, TrainConfig, TrainError, trainer, with_family};
 
 /// Everything the ranks share, prepared once per process.
 pub(crate) struct RunContext {
@@ -71,18 +72,87 @@ fn context(
         open_meta(&dataset)?
     };
     let spec = model_spec(config, &meta)?;
+    // Sizes checked before anything large is allocated; `auto` resolved.
+    let dims = spec.dims().map_err(|problem| TrainError::Invalid {
+        key: "model".into(),
+        problem,
+    })?;
+    let (mut config, auto) = crate::memory::fit(config, dims, crate::memory::available_memory())?;
+    if let (Some(line), true) = (auto, prepare) {
+        eprintln!("{line}");
+    }
     if let Some((dir, index)) = &resume {
-        checkpoint::check_resume(config, &spec, dir, index)?;
+        let note;
+        (config, note) = keep_global_batch(&config, index);
+        checkpoint::check_resume(&config, &spec, dir, index)?;
+        if prepare {
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
+            let p = &config.parallel;
+            if (index.world, index.partition_size) != (p.world, p.partition_size) {
+                eprintln!(
+                    "resuming step {} of {}, written at N = {}, p = {}, k = {}: re-sharded to \
+                     N = {}, p = {}, k = {}",
+                    index.step,
+                    dir.display(),
+                    index.world,
+                    index.partition_size,
+                    index.ranks_per_node,
+                    p.world,
+                    p.partition_size,
+                    config.ranks_per_node()
+                );
+            }
+        }
     }
     let record = initial_record(&spec, config.init_dir()?.as_deref(), config.train.seed)?;
     Ok(RunContext {
-        config: config.clone(),
+        config,
         meta,
         dataset,
         spec,
         record,
         resume,
     })
+}
+
+/// The config that resumes `index` with its global batch: when the world
+/// size changed, `train.grad_accum` becomes what keeps N·b·s (when N·b
+/// divides it), with a line saying so; with
+/// `train.allow_global_batch_change`, the config's own global batch, and a
+/// line saying what that changes. Otherwise unchanged (`check_resume`
+/// refuses a different global batch).
+pub(crate) fn keep_global_batch(
+    config: &TrainConfig,
+    index: &CheckpointIndex,
+) -> (TrainConfig, Option<String>) {
+    let mut config = config.clone();
+    let (saved, now) = (index.global_batch, config.global_batch());
+    if saved == now {
+        return (config, None);
+    }
+    if config.train.allow_global_batch_change {
+        let note = format!(
+            "global batch {saved} -> {now} sequences from step {} (--allow-global-batch-change): \
+             each step from here on draws {now} sequences, so the losses no longer continue the \
+             saved run's; the learning-rate schedule and the step count are unchanged",
+            index.step
+        );
+        return (config, Some(note));
+    }
+    let per_step = config.parallel.world * config.train.micro_batch;
+    if config.parallel.world != index.world && per_step > 0 && saved.is_multiple_of(per_step) {
+        let before = config.train.grad_accum;
+        config.train.grad_accum = saved / per_step;
+        let note = format!(
+            "train.grad_accum {before} -> {} keeps the checkpoint's global batch of {saved} \
+             sequences at world {} (micro_batch {})",
+            config.train.grad_accum, config.parallel.world, config.train.micro_batch
+        );
+        return (config, Some(note));
+    }
+    (config, None)
 }
 
 /// Opens the dataset, preparing it from the corpus when it is not there.
@@ -237,36 +307,77 @@ fn threads(config: &TrainConfig, resume: Option<&Path>) -> Result<RunOutcome, Tr
         .ranks_per_node(config.ranks_per_node())
         .timeout(Duration::from_secs(p.timeout_s))
         .latency(Duration::from_micros(p.latency_us));
-    let results = engine.run(|comm| run_rank(Arc::new(comm), &ctx))?;
-    collect(results).map(|s| RunOutcome::Leader(Box::new(s)))
+    let watchdog = Watchdog::start(p.world, p.failure_timeout_s);
+    let results = engine.run(|comm| {
+        let rank = comm.rank();
+        let beat = watchdog.beat(rank);
+        let result = catch_rank(rank, || run_rank(Arc::new(comm), &ctx, beat.clone()));
+        beat.finish();
+        result
+    })?;
+    drop(watchdog);
+    collect(results)
 }
 
-/// Rank 0's summary, or the most telling error: a rank's own error before
+/// A rank's end as this process's outcome.
+fn outcome(end: RankEnd, rank: usize) -> RunOutcome {
+    match end {
+        RankEnd::Finished(Some(summary)) => RunOutcome::Leader(Box::new(summary)),
+        RankEnd::Finished(None) => RunOutcome::Follower { rank },
+        RankEnd::Stopped {
+            signal,
+            step,
+            checkpoint,
+        } => RunOutcome::Stopped {
+            signal,
+            step,
+            checkpoint,
+            leader: rank == 0,
+        },
+    }
+}
+
+/// Rank 0's outcome, or the most telling error: a rank's own error before
 /// the errors it caused on the others (a peer that stopped, a group that a
 /// failed rank left).
 fn collect(
-    results: Vec<Result<Result<Option<TrainSummary>, TrainError>, String>>,
-) -> Result<TrainSummary, TrainError> {
-    let mut summary = None;
-    // (rank, message, caused by another rank's failure)
-    let mut errors: Vec<(usize, String, bool)> = Vec::new();
+    results: Vec<Result<Result<RankEnd, TrainError>, String>>,
+) -> Result<RunOutcome, TrainError> {
+    let mut leader = None;
+    // (rank, error, caused by another rank's failure)
+    let mut errors: Vec<(usize, TrainError, bool)> = Vec::new();
     for (rank, result) in results.into_iter().enumerate() {
         match result {
-            Ok(Ok(Some(s))) => summary = Some(s),
-            Ok(Ok(None)) => {}
-            Ok(Err(err)) => errors.push((rank, err.to_string(), is_consequence(&err))),
-            Err(panic) => errors.push((rank, panic, false)),
+            Ok(Ok(end)) if rank == 0 => leader = Some(outcome(end, 0)),
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                let consequence = is_consequence(&err);
+                errors.push((rank, err, consequence));
+            }
+            Err(panic) => errors.push((
+                rank,
+                TrainError::Panicked {
+                    message: panic,
+                    place: None,
+                },
+                false,
+            )),
         }
     }
-    if let Some((rank, message, _)) = errors
-        .iter()
-        .find(|(_, _, consequence)| !consequence)
-        .or_else(|| errors.first())
-        .cloned()
-    {
-        return Err(TrainError::Rank { rank, message });
+    let first_own = errors.iter().position(|(_, _, consequence)| !consequence);
+    if let Some(i) = first_own.or((!errors.is_empty()).then_some(0)) {
+        let (rank, error, _) = errors.swap_remove(i);
+        return Err(TrainError::Rank {
+            rank,
+            error: Box::new(error),
+        });
     }
-    summary.ok_or_else(|| TrainError::Engine("rank 0 returned no summary".into()))
+    match leader {
+        Some(RunOutcome::Follower { .. }) | None => {
+            Err(TrainError::Engine("rank 0 returned no summary".into()))
+        }
+        Some(outcome) => Ok(outcome),
+    }
 }
 
 /// Whether `err` is the echo of another rank's failure rather than this
@@ -280,7 +391,7 @@ fn is_consequence(err: &TrainError) -> bool {
         }
     }
     match err {
-        TrainError::PeerFailed { .. } => true,
+        TrainError::PeerFailed { .. } | TrainError::PeerLost { .. } => true,
         TrainError::Comm(e) => comm(e),
         _ => false,
     }
@@ -289,6 +400,15 @@ fn is_consequence(err: &TrainError) -> bool {
 #[cfg(feature = "mpi")]
 fn mpi(config: &TrainConfig, resume: Option<&Path>) -> Result<RunOutcome, TrainError> {
     let p = &config.parallel;
+    if !under_mpi_launcher(|name| std::env::var_os(name).is_some()) {
+        return Err(TrainError::Invalid {
+            key: "parallel.engine".into(),
+            problem: "`mpi` runs one rank per process under mpirun (`mpirun -np N mics train \
+                      --engine mpi ...`), and this process was not started by mpirun: use \
+                      `threads` to run the ranks in this process"
+                .into(),
+        });
+    }
     let mut engine = mics_comm::mpi::MpiEngine::new().timeout(Duration::from_secs(p.timeout_s));
     if let Some(k) = p.ranks_per_node {
         engine = engine.ranks_per_node(k);
@@ -331,10 +451,44 @@ fn mpi(config: &TrainConfig, resume: Option<&Path>) -> Result<RunOutcome, TrainE
         None => context(&config, resume, false),
     };
     let ctx = agree(&comm, ctx)?;
-    match run_rank(comm.clone(), &ctx)? {
-        Some(summary) => Ok(RunOutcome::Leader(Box::new(summary))),
-        None => Ok(RunOutcome::Follower { rank }),
-    }
+    // `partition_size = "auto"` is chosen from each node's memory: every
+    // rank must have chosen rank 0's p.
+    let chosen = ctx.config.parallel.partition_size;
+    let first = comm.broadcast(vec![chosen as f32], 0).wait()?[0] as usize;
+    let same = if first == chosen {
+        Ok(())
+    } else {
+        Err(TrainError::Invalid {
+            key: "parallel.partition_size".into(),
+            problem: format!(
+                "`auto` chose p = {first} on rank 0 but p = {chosen} on rank {rank} (their \
+                 nodes' available memory differs): set the partition size"
+            ),
+        })
+    };
+    agree(&comm, same)?;
+    // Failure detection across processes: a generation agreed from rank 0's
+    // clock (two 16-bit halves, exact in f32) tells this run's heartbeat
+    // files from an earlier run's.
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u32)
+        .unwrap_or(0);
+    let halves = vec![(clock & 0xffff) as f32, (clock >> 16) as f32];
+    let halves = comm.broadcast(halves, 0).wait()?;
+    let generation = halves[0] as u64 | ((halves[1] as u64) << 16);
+    let watchdog = Watchdog::start_files(
+        ctx.config.output.dir.join(".heartbeats"),
+        rank,
+        comm.size(),
+        generation,
+        ctx.config.parallel.failure_timeout_s,
+    );
+    let beat = watchdog.beat(0);
+    let end = catch_rank(rank, || run_rank(comm.clone(), &ctx, beat.clone()));
+    beat.finish();
+    drop(watchdog);
+    Ok(outcome(end?, rank))
 }
 
 #[cfg(not(feature = "mpi"))]
@@ -345,14 +499,37 @@ fn mpi(_: &TrainConfig, _: Option<&Path>) -> Result<RunOutcome, TrainError> {
     })
 }
 
+#[cfg_attr(not(any(feature = "mpi", test)), allow(dead_code))]
+/// Whether this process was started by an MPI launcher (Open MPI, MPICH,
+/// PMIx, Slurm's PMI), as `lookup(variable)` says of the environment.
+pub(crate) fn under_mpi_launcher(lookup: impl Fn(&str) -> bool) -> bool {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMIX_RANK",
+        "PMI_SIZE",
+        "PMI_RANK",
+        "MPI_LOCALNRANKS",
+    ]
+    .iter()
+    .any(|name| lookup(name))
+}
+
 #[cfg(feature = "cuda")]
 fn nccl(config: &TrainConfig, resume: Option<&Path>) -> Result<RunOutcome, TrainError> {
     let ctx = context(config, resume, true)?;
     let p = &config.parallel;
     let devices: Vec<usize> = (0..p.world).collect();
     let engine = mics_comm::nccl::NcclEngine::new().timeout(Duration::from_secs(p.timeout_s));
-    let results = engine.run(&devices, |comm| run_rank(Arc::new(comm), &ctx))?;
-    collect(results).map(|s| RunOutcome::Leader(Box::new(s)))
+    let watchdog = Watchdog::start(p.world, p.failure_timeout_s);
+    let results = engine.run(&devices, |comm| {
+        let rank = comm.rank();
+        let beat = watchdog.beat(rank);
+        let result = catch_rank(rank, || run_rank(Arc::new(comm), &ctx, beat.clone()));
+        beat.finish();
+        result
+    })?;
+    drop(watchdog);
+    collect(results)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -386,22 +563,36 @@ pub(crate) fn agree<T>(
 fn run_rank(
     comm: Arc<dyn Communicator>,
     ctx: &RunContext,
-) -> Result<Option<TrainSummary>, TrainError> {
+    beat: Beat,
+) -> Result<RankEnd, TrainError> {
     struct Rank<'a> {
         comm: Arc<dyn Communicator>,
         ctx: &'a RunContext,
+        beat: Beat,
     }
     impl BackendTask for Rank<'_> {
-        type Output = Result<Option<TrainSummary>, TrainError>;
+        type Output = Result<RankEnd, TrainError>;
         fn run<B: TrainBackend>(self, device: B::Device) -> Self::Output {
             let probed = probe::<B>(self.ctx.config.train.device, &device);
             let probed = agree(&self.comm, probed);
             probed?;
             with_family!(self.ctx.spec.kind, |F| trainer::run_rank::<B, F>(
-                self.comm, self.ctx, device
+                self.comm, self.ctx, device, self.beat
             ))
         }
     }
     let t = &ctx.config.train;
-    with_backend(t.device, t.precision, Rank { comm, ctx })?
+    with_backend(t.device, t.precision, Rank { comm, ctx, beat })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mpirun_is_recognised_by_its_environment() {
+        assert!(!under_mpi_launcher(|_| false));
+        assert!(under_mpi_launcher(|name| name == "OMPI_COMM_WORLD_SIZE"));
+        assert!(under_mpi_launcher(|name| name == "PMI_SIZE"));
+    }
 }

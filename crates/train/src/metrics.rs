@@ -93,6 +93,7 @@ impl MetricsWriter {
     }
 
     pub(crate) fn write(&mut self, metrics: &StepMetrics) -> Result<(), TrainError> {
+        crate::fault::metrics_write(&self.path, metrics.step)?;
         let mut line = serde_json::to_string(metrics).expect("plain struct");
         line.push('\n');
         self.file

@@ -13,12 +13,16 @@ use mics_comm::{Collectives, Communicator, MicsGroups, ReduceOp, Topology};
 use mics_datasets::{GlobalBatchSampler, Split, TokenFile};
 use mics_fused::CrossEntropyOptions;
 
-use crate::checkpoint::{self, CheckpointDir, CheckpointIndex, ParamInfo, SavedLossScale};
+use crate::checkpoint::{
+    self, CheckpointDir, CheckpointIndex, ParamInfo, RankMeta, SavedLossScale,
+};
 use crate::family::ModelFamily;
+use crate::integrity::FileChecksums;
 use crate::launch::{RunContext, agree};
 use crate::optim::Optim;
 use crate::summary::Report;
 use crate::task::Task;
+use crate::watchdog::Beat;
 use crate::{
     Device, Precision, StepMetrics, TrainBackend, TrainError, TrainSummary, learning_rate,
 };
@@ -70,6 +74,10 @@ pub struct Trainer<'a, B: TrainBackend, F: ModelFamily> {
     pub(crate) task: Task,
     pub(crate) head: CrossEntropyOptions,
     tokens_seen: u64,
+    /// This rank's progress, for the in-process failure detection.
+    pub(crate) beat: Beat,
+    /// The stop signal every rank agreed on at the last step, if any.
+    pub(crate) stop: Option<i32>,
 }
 
 impl<'a, B, F> Trainer<'a, B, F>
@@ -86,6 +94,7 @@ where
         comm: Arc<dyn Communicator>,
         ctx: &'a RunContext,
         device: B::Device,
+        beat: Beat,
     ) -> Result<(Self, u64), TrainError> {
         let c = &ctx.config;
         let p = &c.parallel;
@@ -140,7 +149,13 @@ where
             let model = crate::device::load_record::<Train<B>, _>(fresh, &ctx.record, &device)?;
             let data = RankData::open(ctx, task.window())?;
             let states = match &ctx.resume {
-                Some((dir, index)) => Some(checkpoint::read_rank_file(dir, rank, &index.params)?),
+                Some((dir, index)) => Some(checkpoint::resume_states(
+                    dir,
+                    index,
+                    rank,
+                    comm.size(),
+                    p.partition_size,
+                )?),
                 None => None,
             };
             Ok((model, data, states))
@@ -152,10 +167,13 @@ where
         let (start, tokens_seen) = match (&ctx.resume, states) {
             (Some((dir, index)), Some(states)) => {
                 let imported = optim.import_state(model, states).map_err(|e| {
-                    TrainError::checkpoint(
-                        dir.join(checkpoint::rank_file_name(rank)),
-                        e.to_string(),
-                    )
+                    let file =
+                        if index.world == comm.size() && index.partition_size == p.partition_size {
+                            dir.join(checkpoint::rank_file_name(rank))
+                        } else {
+                            dir.to_path_buf()
+                        };
+                    TrainError::checkpoint(file, e.to_string())
                 });
                 // On failure the module is gone: every rank stops here.
                 model = agree(&comm, imported)?;
@@ -177,6 +195,8 @@ where
             task,
             head: CrossEntropyOptions::default(),
             tokens_seen,
+            beat,
+            stop: None,
         };
         Ok((trainer, start))
     }
@@ -195,6 +215,8 @@ where
         let started = Instant::now();
         let c = &self.ctx.config;
         let (rank, n, s) = (self.comm.rank(), self.comm.size(), c.train.grad_accum);
+        crate::fault::step_start(rank, step + 1);
+        self.beat.advance();
         self.runtime.begin_step();
         // Dropout masks: a function of (seed, step, rank), see the crate docs.
         Train::<B>::seed(&self.device, mix(c.train.seed, step, rank as u64));
@@ -216,10 +238,29 @@ where
             loss_sum += loss.clone().into_data().iter::<f32>().sum::<f32>();
             let scaled = loss * self.optim.loss_scale();
             self.optim.accumulate(&model, scaled.backward());
+            self.beat.advance();
         }
         let lr = learning_rate(&c.train, step);
         self.model = Some(self.optim.step(lr, model));
-        let total = self.comm.all_reduce(vec![loss_sum], ReduceOp::Sum).wait()?;
+        self.beat.advance();
+        // The loss, and whether any rank was asked to stop (SIGINT, SIGTERM):
+        // every rank learns both from the same all-reduce, so all stop after
+        // the same step.
+        let signal = crate::signals::stop_requested();
+        let flags = [crate::signals::SIGINT, crate::signals::SIGTERM]
+            .map(|s| f32::from(u8::from(signal == Some(s))));
+        let total = self
+            .comm
+            .all_reduce(vec![loss_sum, flags[0], flags[1]], ReduceOp::Sum)
+            .wait()?;
+        self.beat.advance();
+        self.stop = if total[2] > 0.0 {
+            Some(crate::signals::SIGTERM)
+        } else if total[1] > 0.0 {
+            Some(crate::signals::SIGINT)
+        } else {
+            None
+        };
         let loss = f64::from(total[0]) / (n * s) as f64;
         let done = step + 1;
         if !loss.is_finite() && !self.optim.last_step_skipped() {
@@ -238,34 +279,70 @@ where
         })
     }
 
-    /// Every rank writes its shard file, all agree, rank 0 commits.
+    /// Every rank writes its shard file, all agree and share their files'
+    /// checksums, rank 0 commits. On any failure the partial checkpoint is
+    /// removed.
     pub(crate) fn save_checkpoint(&self, step: u64) -> Result<PathBuf, TrainError> {
+        let ckpt = CheckpointDir {
+            root: self.ctx.config.output.dir.join("checkpoints"),
+            keep: self.ctx.config.train.checkpoint_keep,
+        };
+        let saved = self.write_checkpoint(&ckpt, step);
+        if saved.is_err() && self.comm.rank() == 0 {
+            ckpt.abandon(step);
+        }
+        saved
+    }
+
+    fn write_checkpoint(&self, ckpt: &CheckpointDir, step: u64) -> Result<PathBuf, TrainError> {
         let ctx = self.ctx;
         let c = &ctx.config;
         let comm = &self.comm;
         let rank = comm.rank();
-        let ckpt = CheckpointDir {
-            root: c.output.dir.join("checkpoints"),
-        };
+        self.beat.advance();
         let begun = if rank == 0 { ckpt.begin(step) } else { Ok(()) };
         agree(comm, begun)?;
+        let meta = RankMeta {
+            step,
+            world: comm.size(),
+            partition_size: c.parallel.partition_size,
+            ranks_per_node: c.ranks_per_node(),
+            global_batch: c.global_batch(),
+            seed: c.train.seed,
+            tokens_seen: self.tokens_seen,
+        };
         let states = self
             .optim
             .export_state(self.model())
             .map_err(|e| TrainError::checkpoint(ckpt.partial(step), e.to_string()));
         let written = states.and_then(|states| {
-            checkpoint::write_rank_file(&ckpt.partial(step), rank, &states)?;
-            Ok(states
+            let sums = checkpoint::write_rank_file(&ckpt.partial(step), rank, &states, &meta)?;
+            let params = states
                 .into_iter()
                 .map(|s| ParamInfo {
                     path: s.path,
                     shape: s.shape,
                 })
-                .collect::<Vec<_>>())
+                .collect::<Vec<_>>();
+            Ok((params, sums))
         });
-        let params = agree(comm, written)?;
+        let (params, sums) = agree(comm, written)?;
+        self.beat.advance();
+        // Every rank's checksums, for rank 0's index.
+        let names: Vec<String> = params
+            .iter()
+            .flat_map(|p| [format!("param.{}", p.path), format!("optim.{}", p.path)])
+            .collect();
+        let gathered = comm.all_gather(sums.pack(&names)).wait()?;
+        let per_rank = gathered.len() / comm.size();
         let committed = if rank == 0 {
-            let index = CheckpointIndex {
+            let files: Vec<String> = (0..comm.size()).map(checkpoint::rank_file_name).collect();
+            let checksums = files
+                .iter()
+                .zip(gathered.chunks(per_rank))
+                .map(|(file, packed)| (file.clone(), FileChecksums::unpack(packed, &names)))
+                .collect();
+            let mut index = CheckpointIndex {
                 format_version: checkpoint::CHECKPOINT_FORMAT,
                 step,
                 world: comm.size(),
@@ -277,19 +354,22 @@ where
                 model: ctx.spec.clone(),
                 dataset: std::path::absolute(&ctx.dataset).unwrap_or_else(|_| ctx.dataset.clone()),
                 params,
-                files: (0..comm.size()).map(checkpoint::rank_file_name).collect(),
+                files,
                 loss_scale: (c.train.precision == Precision::Fp16)
                     .then(|| SavedLossScale::from(self.optim.loss_scale_state())),
                 config: c.clone(),
+                checksums,
             };
             ckpt.commit(
-                &index,
+                &mut index,
                 checkpoint::dataset_tokenizer(&ctx.dataset).as_deref(),
             )
         } else {
             Ok(ckpt.complete(step))
         };
-        agree(comm, committed)
+        let done = agree(comm, committed);
+        self.beat.advance();
+        done
     }
 }
 
@@ -300,32 +380,61 @@ fn mix(seed: u64, step: u64, rank: u64) -> u64 {
     )
 }
 
+/// How one rank's run ended.
+pub(crate) enum RankEnd {
+    /// It trained to `train.steps`; rank 0 has the summary.
+    Finished(Option<TrainSummary>),
+    /// Every rank agreed to stop on `signal` after `step`.
+    Stopped {
+        signal: i32,
+        step: u64,
+        checkpoint: Option<PathBuf>,
+    },
+}
+
 /// One rank's run: set up, train to `train.steps`, evaluating and
-/// checkpointing on schedule. Rank 0 returns the summary.
+/// checkpointing on schedule, or until a stop signal. Rank 0 returns the
+/// summary.
 pub(crate) fn run_rank<B, F>(
     comm: Arc<dyn Communicator>,
     ctx: &RunContext,
     device: B::Device,
-) -> Result<Option<TrainSummary>, TrainError>
+    beat: Beat,
+) -> Result<RankEnd, TrainError>
 where
     B: TrainBackend,
     F: ModelFamily,
     F::Model<Train<B>>: AutodiffModule<Train<B>, InnerModule = F::Model<Mics<B>>>,
 {
     let t = &ctx.config.train;
-    let (mut trainer, start) = Trainer::<B, F>::new(comm, ctx, device)?;
+    let (mut trainer, start) = Trainer::<B, F>::new(comm, ctx, device, beat)?;
     let mut report = Report::open(ctx, trainer.comm.rank(), start)?;
     for step in start..t.steps {
         let metrics = trainer.train_step(step)?;
         report.step(&metrics)?;
         let done = step + 1;
+        if let Some(signal) = trainer.stop {
+            let checkpoint = if t.checkpoint_on_signal {
+                Some(trainer.save_checkpoint(done)?)
+            } else {
+                None
+            };
+            return Ok(RankEnd::Stopped {
+                signal,
+                step: done,
+                checkpoint,
+            });
+        }
         let last = done == t.steps;
         if (t.eval_every > 0 && done.is_multiple_of(t.eval_every)) || last {
             report.evaluation(done, trainer.evaluate()?)?;
+            trainer.beat.advance();
         }
         if (t.checkpoint_every > 0 && done.is_multiple_of(t.checkpoint_every)) || last {
             report.checkpoint(trainer.save_checkpoint(done)?);
         }
     }
-    report.finish(&trainer.data, trainer.runtime.counters())
+    report
+        .finish(&trainer.data, trainer.runtime.counters())
+        .map(RankEnd::Finished)
 }

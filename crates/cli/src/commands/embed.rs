@@ -22,6 +22,9 @@ pub struct Args {
     /// `cpu` (default), `wgpu`, `cuda` or `cuda:INDEX`.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Skip verifying the checksums `mics export` records in `model.safetensors`.
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 /// Prints one JSON object per text, one per line:
@@ -37,6 +40,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// The output lines of `mics embed`.
 fn embed(args: &Args) -> anyhow::Result<Vec<serde_json::Value>> {
     check_model_type(&args.model, &["bert"])?;
+    super::logits::verify(&args.model, args.no_verify)?;
     let tokenizer = TextTokenizer::from_dir(&args.model)?;
     let ids = args
         .texts
@@ -99,6 +103,7 @@ mod tests {
             model,
             texts: texts.iter().map(|t| t.to_string()).collect(),
             device: Device::Cpu,
+            no_verify: false,
         }
     }
 

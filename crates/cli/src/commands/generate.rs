@@ -40,6 +40,9 @@ pub struct Args {
     /// `cpu` (default), `wgpu`, `cuda` or `cuda:INDEX`.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Skip verifying the checksums `mics export` records in `model.safetensors`.
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 /// Prints the prompt followed by the generated continuation.
@@ -60,6 +63,7 @@ fn generate(args: &Args) -> anyhow::Result<String> {
         bail!("--top-k must be at least 1");
     }
     let model_type = check_model_type(&args.model, &["gpt2", "llama"])?;
+    super::logits::verify(&args.model, args.no_verify)?;
     let tokenizer = TextTokenizer::from_dir(args.tokenizer.as_ref().unwrap_or(&args.model))?;
     let prompt = tokenizer.encode(&args.prompt, false)?;
     if prompt.is_empty() {
@@ -138,6 +142,7 @@ mod tests {
             seed: Some(3),
             tokenizer: None,
             device: Device::Cpu,
+            no_verify: false,
         }
     }
 

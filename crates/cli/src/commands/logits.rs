@@ -9,6 +9,15 @@ use anyhow::{Context, bail};
 use burn::tensor::{Int, Tensor, TensorData};
 use mics_train::{BackendTask, Device, ModelFamily, ModelType, Precision, TrainBackend};
 
+/// Verifies the checksums `mics export` recorded in `dir/model.safetensors`
+/// (unless `skip`): a corrupt tensor is an error naming the file and it.
+pub(crate) fn verify(dir: &Path, skip: bool) -> anyhow::Result<()> {
+    if !skip {
+        mics_train::verify_model(dir)?;
+    }
+    Ok(())
+}
+
 /// Reads `model_type` from `dir/config.json` and checks it is one of `accepted`.
 pub(crate) fn check_model_type(dir: &Path, accepted: &[&str]) -> anyhow::Result<String> {
     let model_type = mics_hub::config::model_type(dir)?;
@@ -35,6 +44,9 @@ pub struct Args {
     /// `cpu` (default), `wgpu`, `cuda` or `cuda:INDEX`.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
+    /// Skip verifying the checksums `mics export` records in `model.safetensors`.
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 /// Parses `5,17,88` into ids.
@@ -64,6 +76,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn logits(args: &Args) -> anyhow::Result<serde_json::Value> {
     let ids = parse_ids(&args.ids)?;
     let model_type = check_model_type(&args.model, &["gpt2", "bert", "llama"])?;
+    verify(&args.model, args.no_verify)?;
     let kind: ModelType = serde_json::from_value(serde_json::Value::String(model_type))?;
     struct Logits<'a> {
         kind: ModelType,
@@ -142,6 +155,7 @@ mod tests {
             model,
             ids: ids.into(),
             device: Device::Cpu,
+            no_verify: false,
         })
     }
 

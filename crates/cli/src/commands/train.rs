@@ -3,8 +3,10 @@
 
 use std::path::PathBuf;
 
+use std::io::Write;
+
 use anyhow::Context;
-use mics_train::{Overrides, RunOutcome, TrainConfig, train};
+use mics_train::{Overrides, RunOutcome, TrainConfig, signal_name, train};
 
 /// Arguments of `mics train`; every flag overrides the config file's value.
 #[derive(clap::Args)]
@@ -22,39 +24,77 @@ pub struct Args {
     pub overrides: Overrides,
 }
 
-/// Runs `mics train`.
+/// Runs `mics train`. SIGINT or SIGTERM stops it cleanly after the
+/// current step (a checkpoint, one line, exit status 130 or 143); a second
+/// signal exits at once.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let mut config = TrainConfig::load(&args.config)?;
     config.apply(&args.overrides);
+    mics_train::install_stop_handlers()?;
     let summary = match train(&config, args.resume.as_deref()).context("training failed")? {
         RunOutcome::Leader(summary) => summary,
         // An MPI rank other than 0: it trained; rank 0 reports.
         RunOutcome::Follower { .. } => return Ok(()),
+        RunOutcome::Stopped {
+            signal,
+            step,
+            checkpoint,
+            leader,
+        } => {
+            if leader {
+                match checkpoint {
+                    Some(dir) => eprintln!(
+                        "stopped by {} after step {step}: checkpoint {} (continue with --resume {})",
+                        signal_name(signal),
+                        dir.display(),
+                        config.output.dir.display()
+                    ),
+                    None => eprintln!(
+                        "stopped by {} after step {step} without a checkpoint \
+                         (--no-checkpoint-on-signal)",
+                        signal_name(signal)
+                    ),
+                }
+            }
+            std::process::exit(128 + signal);
+        }
     };
+    // A closed stdout (`| head`) ends the output quietly.
+    match report(&args, &summary) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// Prints the summary.
+fn report(args: &Args, summary: &mics_train::TrainSummary) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(summary)?)?;
         return Ok(());
     }
     let last = summary.losses.last().copied().unwrap_or(f64::NAN);
-    println!(
+    writeln!(
+        out,
         "trained steps {}..{} in {:.1} s ({:.0} tokens/s): loss {:.4}",
         summary.start_step, summary.steps, summary.train_seconds, summary.tokens_per_s, last
-    );
+    )?;
     if let Some(val) = summary.val_loss {
         match summary.unigram_val_loss {
-            Some(unigram) => println!(
+            Some(unigram) => writeln!(
+                out,
                 "validation loss {val:.4} (unigram baseline {unigram:.4}: {:.1}% below)",
                 100.0 * (1.0 - val / unigram)
-            ),
-            None => println!("validation loss {val:.4}"),
+            )?,
+            None => writeln!(out, "validation loss {val:.4}")?,
         }
     }
-    println!("metrics    {}", summary.metrics.display());
+    writeln!(out, "metrics    {}", summary.metrics.display())?;
     if let Some(plot) = &summary.loss_plot {
-        println!("loss curve {}", plot.display());
+        writeln!(out, "loss curve {}", plot.display())?;
     }
     if let Some(checkpoint) = &summary.checkpoint {
-        println!("checkpoint {}", checkpoint.display());
+        writeln!(out, "checkpoint {}", checkpoint.display())?;
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use mics_hub::{HubError, LoadReport};
 
 use crate::ModelConfig;
 use crate::family::{Head, ModelFamily};
+use crate::memory::ModelDims;
 use crate::task::TaskKind;
 
 /// The BERT family.
@@ -45,6 +46,34 @@ impl ModelFamily for Bert {
 
     fn max_positions(config: &BertConfig) -> usize {
         config.max_position_embeddings
+    }
+
+    fn dims(c: &BertConfig) -> ModelDims {
+        let (l, h, f) = (
+            c.num_hidden_layers as f64,
+            c.hidden_size as f64,
+            c.intermediate_size as f64,
+        );
+        let (v, p, t) = (
+            c.vocab_size as f64,
+            c.max_position_embeddings as f64,
+            c.type_vocab_size as f64,
+        );
+        // Per layer: q, k, v, o with biases, two layer norms, the MLP.
+        let layer = 4.0 * (h * h + h) + 4.0 * h + (h * f + f) + (f * h + h);
+        // Embeddings (+ layer norm), pooler, and the MLM head's transform,
+        // layer norm and bias (its decoder is the tied word embedding).
+        let other = (v + p + t) * h + 2.0 * h + (h * h + h) + (h * h + h) + 2.0 * h + v;
+        ModelDims {
+            layers: l,
+            hidden: h,
+            heads: c.num_attention_heads as f64,
+            ffn: f,
+            vocab: v,
+            positions: p,
+            params: l * layer + other,
+            largest: (v * h).max(p * h).max(h * f),
+        }
     }
 
     fn init<B: Backend>(config: &BertConfig, device: &B::Device) -> BertForMaskedLM<B> {

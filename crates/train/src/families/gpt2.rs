@@ -10,6 +10,7 @@ use mics_hub::{HubError, LoadReport};
 
 use crate::ModelConfig;
 use crate::family::{Head, ModelFamily};
+use crate::memory::ModelDims;
 use crate::task::TaskKind;
 
 /// The GPT-2 family.
@@ -45,6 +46,24 @@ impl ModelFamily for Gpt2 {
 
     fn max_positions(config: &Gpt2Config) -> usize {
         config.n_positions
+    }
+
+    fn dims(c: &Gpt2Config) -> ModelDims {
+        let (l, h, f) = (c.n_layer as f64, c.n_embd as f64, c.inner() as f64);
+        let (v, p) = (c.vocab_size as f64, c.n_positions as f64);
+        // Per block: two layer norms, c_attn, c_proj, c_fc and the MLP's
+        // c_proj, with biases; the LM head is tied to the token embedding.
+        let block = 4.0 * h + (3.0 * h * h + 3.0 * h) + (h * h + h) + (h * f + f) + (f * h + h);
+        ModelDims {
+            layers: l,
+            hidden: h,
+            heads: c.n_head as f64,
+            ffn: f,
+            vocab: v,
+            positions: p,
+            params: v * h + p * h + l * block + 2.0 * h,
+            largest: (v * h).max(p * h).max(3.0 * h * h).max(h * f),
+        }
     }
 
     fn init<B: Backend>(config: &Gpt2Config, device: &B::Device) -> Gpt2LMHeadModel<B> {

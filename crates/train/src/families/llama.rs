@@ -10,6 +10,7 @@ use mics_llama::{LlamaConfig, LlamaForCausalLM};
 
 use crate::ModelConfig;
 use crate::family::{Head, ModelFamily};
+use crate::memory::ModelDims;
 use crate::task::TaskKind;
 
 /// The Llama family.
@@ -53,6 +54,38 @@ impl ModelFamily for Llama {
 
     fn max_positions(config: &LlamaConfig) -> usize {
         config.max_position_embeddings
+    }
+
+    fn dims(c: &LlamaConfig) -> ModelDims {
+        let (l, h, f) = (
+            c.num_hidden_layers as f64,
+            c.hidden_size as f64,
+            c.intermediate_size as f64,
+        );
+        let v = c.vocab_size as f64;
+        let (q, kv) = (
+            (c.num_attention_heads * c.head_dim()) as f64,
+            (c.kv_heads() * c.head_dim()) as f64,
+        );
+        let attn_bias = if c.attention_bias {
+            q + 2.0 * kv + h
+        } else {
+            0.0
+        };
+        let mlp_bias = if c.mlp_bias { 2.0 * f + h } else { 0.0 };
+        // Per layer: q, k, v, o; gate, up, down; two RMS norms.
+        let layer = h * q + 2.0 * h * kv + q * h + 3.0 * h * f + 2.0 * h + attn_bias + mlp_bias;
+        let head = if c.tie_word_embeddings { 0.0 } else { v * h };
+        ModelDims {
+            layers: l,
+            hidden: h,
+            heads: c.num_attention_heads as f64,
+            ffn: f,
+            vocab: v,
+            positions: 0.0,
+            params: v * h + l * layer + h + head,
+            largest: (v * h).max(h * f).max(h * q),
+        }
     }
 
     fn init<B: Backend>(config: &LlamaConfig, device: &B::Device) -> LlamaForCausalLM<B> {

@@ -14,6 +14,9 @@ pub fn train(config: &TrainConfig, resume: Option<&Path>) -> Result<TrainSummary
     match mics_train::train(config, resume)? {
         RunOutcome::Leader(summary) => Ok(*summary),
         RunOutcome::Follower { rank } => panic!("in-process runs lead, not rank {rank}"),
+        RunOutcome::Stopped { signal, step, .. } => {
+            panic!("stopped by signal {signal} after step {step}")
+        }
     }
 }
 
