@@ -63,44 +63,13 @@ fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
-/// ~8 KB of Shakespeare and `bytes.json`, GPT-2's 256 byte tokens and
-/// `<|endoftext|>` (no merges): a vocabulary of 257 keeps runs fast.
+/// The corpus of `mics_test_support::write_byte_corpus` (~8 KB of
+/// Shakespeare and `bytes.json`, 257 ids), written once per test binary.
 fn corpus() -> &'static Path {
     static CORPUS: OnceLock<PathBuf> = OnceLock::new();
     CORPUS.get_or_init(|| {
-        let plays = mics_hub::assets::asset_dir("shakespeare")
-            .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-assets)"));
         let dir = scratch("corpus");
-        let texts = dir.join("texts");
-        std::fs::create_dir_all(&texts).unwrap();
-        for play in ["hamlet_gut.txt", "macbeth_gut.txt"] {
-            let bytes = std::fs::read(plays.join(play)).unwrap();
-            let t = String::from_utf8_lossy(&bytes[60_000..64_000]).into_owned();
-            std::fs::write(texts.join(play), t).unwrap();
-        }
-        let vocab = mics_hub::assets::asset_file("gpt2-tokenizer", "vocab.json").unwrap();
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(&std::fs::read_to_string(vocab).unwrap()).unwrap();
-        let mut bytes: serde_json::Map<String, serde_json::Value> = vocab
-            .into_iter()
-            .filter(|(_, id)| id.as_u64().unwrap() < 256)
-            .collect();
-        bytes.insert("<|endoftext|>".into(), 256.into());
-        let level = serde_json::json!({
-            "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-            "use_regex": true
-        });
-        let tokenizer = serde_json::json!({
-            "version": "1.0", "truncation": null, "padding": null,
-            "added_tokens": [{"id": 256, "content": "<|endoftext|>", "single_word": false,
-                "lstrip": false, "rstrip": false, "normalized": true, "special": true}],
-            "normalizer": null, "pre_tokenizer": level, "post_processor": level,
-            "decoder": level,
-            "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false,
-                "byte_fallback": false, "vocab": bytes, "merges": []}
-        });
-        std::fs::write(dir.join("bytes.json"), tokenizer.to_string()).unwrap();
+        mics_test_support::write_byte_corpus(&dir);
         dir
     })
 }

@@ -50,14 +50,8 @@ fn scratch(tag: &str) -> PathBuf {
 fn corpus() -> &'static Path {
     static CORPUS: OnceLock<PathBuf> = OnceLock::new();
     CORPUS.get_or_init(|| {
-        let plays = mics_hub::assets::asset_dir("shakespeare")
-            .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-assets)"));
         let dir = scratch("corpus");
-        for play in ["hamlet_gut.txt", "macbeth_gut.txt"] {
-            let bytes = std::fs::read(plays.join(play)).unwrap();
-            let text = String::from_utf8_lossy(&bytes[60_000..66_000]).into_owned();
-            std::fs::write(dir.join(play), text).unwrap();
-        }
+        mics_test_support::write_shakespeare(&dir, 60_000..66_000);
         dir
     })
 }

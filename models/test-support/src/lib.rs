@@ -1,14 +1,16 @@
-//! What the model crates' tests share (a dev-dependency only): the lock that
-//! lets seeded tests take turns on the backend's process-global generator,
-//! every parameter's path, fresh scratch directories, and the check that one
-//! backward pass reaches every parameter.
+//! What the tests share (a dev-dependency only): the lock that lets seeded
+//! tests take turns on the backend's process-global generator, every
+//! parameter's path, fresh scratch directories, the check that one backward
+//! pass reaches every parameter, and the training tests' corpus: excerpts of
+//! Shakespeare with a 257-token byte-level tokenizer.
 //!
 //! The tests run on `Autodiff<Plain<NdArray>>` (crates/plain); these helpers
 //! are generic over the backend.
 
 #![warn(missing_docs)]
 
-use std::path::PathBuf;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -103,4 +105,64 @@ pub fn assert_every_parameter_has_a_gradient<A: AutodiffBackend, M: Module<A>>(
     let mut check = Check::<A> { grads, seen: 0 };
     module.visit(&mut check);
     check.seen
+}
+
+/// Bytes `range` of two Shakespeare plays from the test assets (Hamlet and
+/// Macbeth; past 60 000 bytes is past the Gutenberg header), written to
+/// `dir` (created) as two documents.
+pub fn write_shakespeare(dir: &Path, range: Range<usize>) {
+    let plays = mics_hub::assets::asset_dir("shakespeare")
+        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-assets)"));
+    std::fs::create_dir_all(dir).unwrap();
+    for play in ["hamlet_gut.txt", "macbeth_gut.txt"] {
+        let text = std::fs::read(plays.join(play)).unwrap();
+        let text = String::from_utf8_lossy(&text[range.clone()]).into_owned();
+        std::fs::write(dir.join(play), text).unwrap();
+    }
+}
+
+/// The training tests' corpus in `dir`: 4 KB of each play in `dir/texts`,
+/// and `dir/bytes.json` ([`byte_tokenizer`]).
+pub fn write_byte_corpus(dir: &Path) {
+    write_shakespeare(&dir.join("texts"), 60_000..64_000);
+    std::fs::write(dir.join("bytes.json"), byte_tokenizer()).unwrap();
+}
+
+/// A `tokenizer.json`: GPT-2's byte-level BPE cut down to its 256 byte
+/// tokens (no merges) and `<|endoftext|>`. Its 257 ids, rather than GPT-2's
+/// 50257, keep the embedding and the softmax small enough for tests of a
+/// few seconds.
+pub fn byte_tokenizer() -> String {
+    let vocab = mics_hub::assets::asset_file("gpt2-tokenizer", "vocab.json")
+        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-assets)"));
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(vocab).unwrap()).unwrap();
+    let mut bytes: serde_json::Map<String, serde_json::Value> = vocab
+        .into_iter()
+        .filter(|(_, id)| id.as_u64().unwrap() < 256)
+        .collect();
+    assert_eq!(bytes.len(), 256);
+    bytes.insert("<|endoftext|>".into(), 256.into());
+    let byte_level = serde_json::json!({
+        "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true
+    });
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [{
+            "id": 256, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": true, "special": true
+        }],
+        "normalizer": null,
+        "pre_tokenizer": byte_level,
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false,
+            "byte_fallback": false, "vocab": bytes, "merges": []
+        }
+    })
+    .to_string()
 }

@@ -30,62 +30,15 @@ pub fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
-/// Two documents of ~4 KB from the middle of two plays (past the Gutenberg
-/// header), written once per test binary, with `bytes.json`: GPT-2's
-/// byte-level BPE cut down to its 256 byte tokens (no merges) and
-/// `<|endoftext|>`. Its 257 ids, rather than GPT-2's 50257, keep the
-/// embedding and the softmax small enough for tests of a few seconds.
+/// The corpus of `mics_test_support::write_byte_corpus`, written once per
+/// test binary.
 pub fn corpus() -> &'static Path {
     static CORPUS: OnceLock<PathBuf> = OnceLock::new();
     CORPUS.get_or_init(|| {
-        let plays = mics_hub::assets::asset_dir("shakespeare")
-            .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-assets)"));
         let dir = scratch("corpus");
-        let texts = dir.join("texts");
-        std::fs::create_dir_all(&texts).unwrap();
-        for play in ["hamlet_gut.txt", "macbeth_gut.txt"] {
-            let text = std::fs::read(plays.join(play)).unwrap();
-            let text = String::from_utf8_lossy(&text[60_000..64_000]).into_owned();
-            std::fs::write(texts.join(play), text).unwrap();
-        }
-        std::fs::write(dir.join("bytes.json"), byte_tokenizer()).unwrap();
+        mics_test_support::write_byte_corpus(&dir);
         dir
     })
-}
-
-pub fn byte_tokenizer() -> String {
-    let vocab = mics_hub::assets::asset_file("gpt2-tokenizer", "vocab.json")
-        .unwrap_or_else(|e| panic!("{e} (run scripts/fetch-assets)"));
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(vocab).unwrap()).unwrap();
-    let mut bytes: serde_json::Map<String, serde_json::Value> = vocab
-        .into_iter()
-        .filter(|(_, id)| id.as_u64().unwrap() < 256)
-        .collect();
-    assert_eq!(bytes.len(), 256);
-    bytes.insert("<|endoftext|>".into(), 256.into());
-    let byte_level = serde_json::json!({
-        "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true
-    });
-    serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [{
-            "id": 256, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": true, "special": true
-        }],
-        "normalizer": null,
-        "pre_tokenizer": byte_level,
-        "post_processor": byte_level,
-        "decoder": byte_level,
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null,
-            "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false,
-            "byte_fallback": false, "vocab": bytes, "merges": []
-        }
-    })
-    .to_string()
 }
 
 /// The corpus tokenized with `tokenizer` (`bytes` or `bert`), once per binary.
