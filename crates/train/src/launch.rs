@@ -499,6 +499,16 @@ fn mpi(_: &TrainConfig, _: Option<&Path>) -> Result<RunOutcome, TrainError> {
     })
 }
 
+/// The world size an MPI launcher announces in the environment (Open MPI's
+/// `OMPI_COMM_WORLD_SIZE`, MPICH's and Slurm's `PMI_SIZE`), as
+/// `lookup(variable)` reads it.
+pub(crate) fn launcher_world_size(lookup: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|name| lookup(name)?.trim().parse().ok())
+        .filter(|&n| n > 0)
+}
+
 #[cfg_attr(not(any(feature = "mpi", test)), allow(dead_code))]
 /// Whether this process was started by an MPI launcher (Open MPI, MPICH,
 /// PMIx, Slurm's PMI), as `lookup(variable)` says of the environment.
@@ -594,5 +604,28 @@ mod tests {
         assert!(!under_mpi_launcher(|_| false));
         assert!(under_mpi_launcher(|name| name == "OMPI_COMM_WORLD_SIZE"));
         assert!(under_mpi_launcher(|name| name == "PMI_SIZE"));
+    }
+
+    #[test]
+    fn the_launchers_world_size_is_read_from_its_environment() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(launcher_world_size(env(&[])), None);
+        assert_eq!(
+            launcher_world_size(env(&[("OMPI_COMM_WORLD_SIZE", "4")])),
+            Some(4)
+        );
+        assert_eq!(launcher_world_size(env(&[("PMI_SIZE", "8")])), Some(8));
+        assert_eq!(
+            launcher_world_size(env(&[("OMPI_COMM_WORLD_SIZE", "x")])),
+            None
+        );
+        assert_eq!(launcher_world_size(env(&[("PMI_SIZE", "0")])), None);
     }
 }

@@ -176,6 +176,17 @@ pub enum RunOutcome {
 /// device, engine and precision. Any rank's failure is an error naming the
 /// rank.
 pub fn train(config: &TrainConfig, resume: Option<&Path>) -> Result<RunOutcome, TrainError> {
+    // Under mpirun the launcher decides the world size unless --world said
+    // otherwise: take it before the settings are checked against it (the
+    // engine confirms it once MPI is up, and refuses a conflicting --world).
+    let mut config = config.clone();
+    if config.parallel.engine == EngineKind::Mpi
+        && !config.parallel.world_from_flag
+        && let Some(n) = launch::launcher_world_size(|name| std::env::var(name).ok())
+    {
+        config.parallel.world = n;
+    }
+    let config = &config;
     config.validate()?;
     // A device this build lacks, or a type it has not: an error before any work.
     struct Nothing;
