@@ -12,6 +12,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use mics_test_support::tensor_range;
+
 fn mics() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mics"));
     cmd.env_remove("MICS_FAULT_INJECT");
@@ -131,18 +133,6 @@ fn train_args(config: &Path) -> Vec<String> {
 
 fn s(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
-}
-
-/// The data range of tensor `name` in a safetensors file, from its header.
-fn tensor_range(bytes: &[u8], name: &str) -> std::ops::Range<usize> {
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let offsets = &header[name]["data_offsets"];
-    let (a, b) = (
-        offsets[0].as_u64().unwrap() as usize,
-        offsets[1].as_u64().unwrap() as usize,
-    );
-    8 + n + a..8 + n + b
 }
 
 // ---- Corruption: flipped bytes in an exported model.safetensors ----

@@ -10,24 +10,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use common::{config, scratch, shape, train};
+use mics_test_support::tensor_range;
 use mics_train::families::Gpt2;
 use mics_train::memory::{self, ModelDims};
 use mics_train::{Device, ModelCheck, ModelFamily, TrainConfig, TrainError, export, verify_model};
 
 /// A change to a config.
 type Edit = fn(&mut TrainConfig);
-
-/// The data range of tensor `name` in a safetensors file, from its header.
-fn tensor_range(bytes: &[u8], name: &str) -> std::ops::Range<usize> {
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let offsets = &header[name]["data_offsets"];
-    let (a, b) = (
-        offsets[0].as_u64().unwrap() as usize,
-        offsets[1].as_u64().unwrap() as usize,
-    );
-    8 + n + a..8 + n + b
-}
 
 /// Every tensor name of a safetensors file.
 fn tensor_names(bytes: &[u8]) -> Vec<String> {

@@ -166,3 +166,16 @@ pub fn byte_tokenizer() -> String {
     })
     .to_string()
 }
+
+/// The byte range of tensor `name`'s data in a safetensors file's `bytes`,
+/// read from its header (tests that corrupt one tensor on purpose).
+pub fn tensor_range(bytes: &[u8], name: &str) -> std::ops::Range<usize> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let offsets = &header[name]["data_offsets"];
+    let (a, b) = (
+        offsets[0].as_u64().unwrap() as usize,
+        offsets[1].as_u64().unwrap() as usize,
+    );
+    8 + n + a..8 + n + b
+}
