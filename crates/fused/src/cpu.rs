@@ -24,7 +24,7 @@
 use std::borrow::Cow;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn::tensor::{FloatDType, Int, Tensor, TensorPrimitive};
 use burn_ndarray::{
     FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray,
 };
@@ -32,7 +32,7 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Ix1, Ix2};
 use rayon::prelude::*;
 
-use crate::{FusedCrossEntropyBackend, IGNORE_INDEX, generic, math};
+use crate::{FusedCrossEntropyBackend, IGNORE_INDEX, LossAndGrads, WantedGrads, generic, math};
 
 /// A counted token: its row, its target and its weight.
 #[derive(Debug, Clone, Copy)]
@@ -146,6 +146,110 @@ fn chunk_logits(hrows: &ArrayView2<'_, f32>, weight: &ArrayView2<'_, f32>, out: 
     general_mat_mul(1.0, hrows, &weight.t(), 0.0, &mut logits);
 }
 
+/// What [`pass`] returns: the loss and the gradients it was asked for.
+struct Pass {
+    loss: f32,
+    hidden: Option<Array2<f32>>,
+    weight: Option<Array2<f32>>,
+    bias: Option<Array1<f32>>,
+}
+
+/// One pass over the counted tokens, `chunk_tokens` at a time: the loss,
+/// and the gradients in `wanted` times `grad_scale` (`d bias` only with a
+/// bias). Without gradients a row's softmax is summed and not written; with
+/// them each row becomes `w_t grad_scale (softmax - onehot)` in place and
+/// feeds the gradient GEMMs. The loss is the same either way: `exp` and its
+/// lane-wise sum run in the same order.
+#[allow(clippy::too_many_arguments)]
+fn pass(
+    hidden: ArrayView2<'_, f32>,
+    weight: ArrayView2<'_, f32>,
+    bias: Option<ArrayView1<'_, f32>>,
+    targets: &[i64],
+    token_weights: Option<ArrayView1<'_, f32>>,
+    chunk_tokens: usize,
+    grad_scale: f32,
+    wanted: WantedGrads,
+) -> Pass {
+    assert!(chunk_tokens > 0, "chunk_tokens must be at least 1");
+    check_shapes(&hidden, &weight, bias.as_ref(), targets);
+    let (t, h, v) = (hidden.nrows(), hidden.ncols(), weight.nrows());
+    let tokens = counted(targets, token_weights, v);
+    let mut out = Pass {
+        loss: 0.0,
+        hidden: wanted.hidden.then(|| Array2::<f32>::zeros((t, h))),
+        weight: wanted.weight.then(|| Array2::<f32>::zeros((v, h))),
+        bias: (wanted.bias && bias.is_some()).then(|| Array1::<f32>::zeros(v)),
+    };
+    let grads = out.hidden.is_some() || out.weight.is_some() || out.bias.is_some();
+    let chunk = chunk_tokens.min(tokens.len());
+    if chunk == 0 {
+        return out;
+    }
+    let bias = bias_slice(bias);
+    let bias = bias.as_deref();
+    let mut hbuf = vec![0.0_f32; chunk * h];
+    let mut logits = vec![0.0_f32; chunk * v];
+    let mut nll = vec![0.0_f64; chunk];
+    let mut dh = out
+        .hidden
+        .as_ref()
+        .map(|_| Array2::<f32>::zeros((chunk, h)));
+    let mut total = 0.0_f64;
+    for (i, block) in tokens.chunks(chunk).enumerate() {
+        let n = block.len();
+        gather_rows(&hidden, block, &mut hbuf);
+        let hrows = ArrayView2::from_shape((n, h), &hbuf[..n * h]).expect("chunk buffer");
+        chunk_logits(&hrows, &weight, &mut logits);
+        logits[..n * v]
+            .par_chunks_mut(v)
+            .zip(block.par_iter())
+            .zip(nll[..n].par_iter_mut())
+            .for_each(|((row, token), out)| {
+                if let Some(b) = bias {
+                    math::add_in_place(row, b);
+                }
+                let max = math::max(row);
+                let target = row[token.target];
+                let sum = if grads {
+                    math::exp_shifted_in_place_and_sum(row, max)
+                } else {
+                    math::sum_exp_shifted(row, max)
+                };
+                *out = (max as f64 - target as f64) + (sum as f64).ln();
+                if grads {
+                    // The row becomes w_t g (softmax - onehot(target)).
+                    let scale = grad_scale * token.weight;
+                    math::scale_in_place(row, scale / sum);
+                    row[token.target] -= scale;
+                }
+            });
+        for (token, &l) in block.iter().zip(&nll) {
+            total += token.weight as f64 * l;
+        }
+        if !grads {
+            continue;
+        }
+        let g = ArrayView2::from_shape((n, v), &logits[..n * v]).expect("chunk buffer");
+        if let (Some(grad_hidden), Some(dh)) = (&mut out.hidden, &mut dh) {
+            let mut dh = dh.slice_mut(ndarray::s![..n, ..]);
+            general_mat_mul(1.0, &g, &weight, 0.0, &mut dh);
+            for (token, row) in block.iter().zip(dh.rows()) {
+                grad_hidden.row_mut(token.row).assign(&row);
+            }
+        }
+        if let Some(grad_weight) = &mut out.weight {
+            let beta = if i == 0 { 0.0 } else { 1.0 };
+            general_mat_mul(1.0, &g.t(), &hrows, beta, grad_weight);
+        }
+        if let Some(gb) = &mut out.bias {
+            add_rows(&logits[..n * v], gb.as_slice_mut().expect("contiguous"));
+        }
+    }
+    out.loss = total as f32;
+    out
+}
+
 /// The loss: `sum_t w_t (logsumexp(z_t) - z_t[target_t])` with the logits
 /// `z_t = h_t · Wᵀ + b`, over the counted tokens, `chunk_tokens` tokens at a
 /// time.
@@ -165,42 +269,18 @@ pub fn forward(
     token_weights: Option<ArrayView1<'_, f32>>,
     chunk_tokens: usize,
 ) -> f32 {
-    assert!(chunk_tokens > 0, "chunk_tokens must be at least 1");
-    check_shapes(&hidden, &weight, bias.as_ref(), targets);
-    let (h, v) = (hidden.ncols(), weight.nrows());
-    let tokens = counted(targets, token_weights, v);
-    let chunk = chunk_tokens.min(tokens.len());
-    if chunk == 0 {
-        return 0.0;
-    }
-    let bias = bias_slice(bias);
-    let bias = bias.as_deref();
-    let mut hbuf = vec![0.0_f32; chunk * h];
-    let mut logits = vec![0.0_f32; chunk * v];
-    let mut nll = vec![0.0_f64; chunk];
-    let mut total = 0.0_f64;
-    for block in tokens.chunks(chunk) {
-        let n = block.len();
-        gather_rows(&hidden, block, &mut hbuf);
-        let hrows = ArrayView2::from_shape((n, h), &hbuf[..n * h]).expect("chunk buffer");
-        chunk_logits(&hrows, &weight, &mut logits);
-        logits[..n * v]
-            .par_chunks_mut(v)
-            .zip(block.par_iter())
-            .zip(nll[..n].par_iter_mut())
-            .for_each(|((row, token), out)| {
-                if let Some(b) = bias {
-                    math::add_in_place(row, b);
-                }
-                let max = math::max(row);
-                let sum = math::sum_exp_shifted(row, max);
-                *out = (max as f64 - row[token.target] as f64) + (sum as f64).ln();
-            });
-        for (token, &l) in block.iter().zip(&nll) {
-            total += token.weight as f64 * l;
-        }
-    }
-    total as f32
+    let none = WantedGrads::default();
+    pass(
+        hidden,
+        weight,
+        bias,
+        targets,
+        token_weights,
+        chunk_tokens,
+        1.0,
+        none,
+    )
+    .loss
 }
 
 /// The gradients `(d hidden [T, H], d weight [V, H], d bias [V])` of
@@ -220,55 +300,58 @@ pub fn backward(
     chunk_tokens: usize,
     grad_output: f32,
 ) -> (Array2<f32>, Array2<f32>, Option<Array1<f32>>) {
-    assert!(chunk_tokens > 0, "chunk_tokens must be at least 1");
-    check_shapes(&hidden, &weight, bias.as_ref(), targets);
-    let (t, h, v) = (hidden.nrows(), hidden.ncols(), weight.nrows());
-    let tokens = counted(targets, token_weights, v);
-    let mut grad_hidden = Array2::<f32>::zeros((t, h));
-    let mut grad_weight = Array2::<f32>::zeros((v, h));
-    let mut grad_bias = bias.as_ref().map(|_| Array1::<f32>::zeros(v));
-    let chunk = chunk_tokens.min(tokens.len());
-    if chunk == 0 {
-        return (grad_hidden, grad_weight, grad_bias);
-    }
-    let bias = bias_slice(bias);
-    let bias = bias.as_deref();
-    let mut hbuf = vec![0.0_f32; chunk * h];
-    let mut logits = vec![0.0_f32; chunk * v];
-    let mut dh = Array2::<f32>::zeros((chunk, h));
-    for (i, block) in tokens.chunks(chunk).enumerate() {
-        let n = block.len();
-        gather_rows(&hidden, block, &mut hbuf);
-        let hrows = ArrayView2::from_shape((n, h), &hbuf[..n * h]).expect("chunk buffer");
-        chunk_logits(&hrows, &weight, &mut logits);
-        // Each row becomes w_t g (softmax - onehot(target)).
-        logits[..n * v]
-            .par_chunks_mut(v)
-            .zip(block.par_iter())
-            .for_each(|(row, token)| {
-                if let Some(b) = bias {
-                    math::add_in_place(row, b);
-                }
-                let max = math::max(row);
-                math::exp_shifted_in_place(row, max);
-                let sum = math::sum(row);
-                let scale = grad_output * token.weight;
-                math::scale_in_place(row, scale / sum);
-                row[token.target] -= scale;
-            });
-        let g = ArrayView2::from_shape((n, v), &logits[..n * v]).expect("chunk buffer");
-        let mut dh = dh.slice_mut(ndarray::s![..n, ..]);
-        general_mat_mul(1.0, &g, &weight, 0.0, &mut dh);
-        for (token, row) in block.iter().zip(dh.rows()) {
-            grad_hidden.row_mut(token.row).assign(&row);
-        }
-        let beta = if i == 0 { 0.0 } else { 1.0 };
-        general_mat_mul(1.0, &g.t(), &hrows, beta, &mut grad_weight);
-        if let Some(gb) = &mut grad_bias {
-            add_rows(&logits[..n * v], gb.as_slice_mut().expect("contiguous"));
-        }
-    }
-    (grad_hidden, grad_weight, grad_bias)
+    let out = pass(
+        hidden,
+        weight,
+        bias,
+        targets,
+        token_weights,
+        chunk_tokens,
+        grad_output,
+        WantedGrads::ALL,
+    );
+    (
+        out.hidden.expect("wanted"),
+        out.weight.expect("wanted"),
+        out.bias,
+    )
+}
+
+/// [`forward`]'s loss and, in the same pass (one logits GEMM per chunk
+/// instead of two), the gradients in `wanted` at an upstream gradient of 1:
+/// `(loss, d hidden, d weight, d bias)`, each gradient `Some` exactly when
+/// wanted (`d bias` also needs a bias). Equal to [`forward`] and
+/// [`backward`] with `grad_output = 1`, bit for bit.
+///
+/// # Panics
+///
+/// As [`forward`].
+#[allow(clippy::type_complexity)]
+pub fn forward_with_grads(
+    hidden: ArrayView2<'_, f32>,
+    weight: ArrayView2<'_, f32>,
+    bias: Option<ArrayView1<'_, f32>>,
+    targets: &[i64],
+    token_weights: Option<ArrayView1<'_, f32>>,
+    chunk_tokens: usize,
+    wanted: WantedGrads,
+) -> (
+    f32,
+    Option<Array2<f32>>,
+    Option<Array2<f32>>,
+    Option<Array1<f32>>,
+) {
+    let out = pass(
+        hidden,
+        weight,
+        bias,
+        targets,
+        token_weights,
+        chunk_tokens,
+        1.0,
+        wanted,
+    );
+    (out.loss, out.hidden, out.weight, out.bias)
 }
 
 fn view2(t: &NdArrayTensor) -> Option<ArrayView2<'_, f32>> {
@@ -400,6 +483,53 @@ where
             token_weights,
             chunk_tokens,
             grad_output,
+        )
+    }
+
+    fn fused_grads_with_loss(dtype: FloatDType) -> bool {
+        dtype == FloatDType::F32
+    }
+
+    fn fused_linear_cross_entropy_with_grads(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        targets: IntTensor<Self>,
+        token_weights: Option<FloatTensor<Self>>,
+        chunk_tokens: usize,
+        wanted: WantedGrads,
+    ) -> LossAndGrads<Self> {
+        let b = bias.as_ref().map(view1);
+        let weights = token_weights.as_ref().map(view1);
+        if let (Some(h), Some(w), None | Some(Some(_)), None | Some(Some(_))) =
+            (view2(&hidden), view2(&weight), b, weights)
+        {
+            let targets = host_targets::<E, I, Q>(targets);
+            let (loss, gh, gw, gb) = forward_with_grads(
+                h,
+                w,
+                b.flatten(),
+                &targets,
+                weights.flatten(),
+                chunk_tokens,
+                wanted,
+            );
+            return LossAndGrads {
+                loss: SharedArray::<f32>::from_elem(ndarray::IxDyn(&[1]), loss).into(),
+                hidden: gh.map(tensor),
+                weight: gw.map(tensor),
+                bias: gb.map(tensor),
+            };
+        }
+        // Another dtype: the forward and backward passes.
+        crate::forward_then_backward::<Self>(
+            hidden,
+            weight,
+            bias,
+            targets,
+            token_weights,
+            chunk_tokens,
+            wanted,
         )
     }
 }

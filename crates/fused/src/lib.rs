@@ -8,8 +8,12 @@
 //! `V = 50257` in `f32`) are written, copied and exponentiated several times,
 //! forward and backward. [`linear_cross_entropy`] computes the loss and its
 //! gradients **in chunks of tokens** instead: at most one `[chunk, V]` block
-//! of logits exists at a time, in the forward and in the backward pass (which
-//! recomputes each chunk's logits from `hidden`, `weight` and `bias`).
+//! of logits exists at a time. Where the backend can
+//! ([`FusedCrossEntropyBackend::fused_grads_with_loss`]: `NdArray` in `f32`),
+//! a tracked forward pass computes the gradients with the loss, chunk by
+//! chunk, and the backward pass only scales them by the upstream gradient;
+//! elsewhere the backward pass recomputes each chunk's logits from `hidden`,
+//! `weight` and `bias`.
 //!
 //! The op is a Burn *backend extension* ([`FusedCrossEntropyBackend`]):
 //!
@@ -19,10 +23,13 @@
 //!   projections through `matrixmultiply`'s GEMM (as NdArray's own matmul),
 //!   the softmax with a vectorised polynomial `exp` ([`math`]), buffers
 //!   allocated once per call, tokens whose target is ignored skipped;
-//! - `Autodiff<B>` records it as one op whose backward calls
-//!   [`FusedCrossEntropyBackend::fused_linear_cross_entropy_backward`],
-//!   saving only its inputs (never logits); gradients go to whichever of
-//!   `hidden`, `weight`, `bias` is tracked;
+//! - `Autodiff<B>` records it as one op: with the gradients of the tracked
+//!   inputs computed in the forward pass
+//!   ([`FusedCrossEntropyBackend::fused_linear_cross_entropy_with_grads`])
+//!   where `B` can, else saving only its inputs (never logits) for a
+//!   backward that calls
+//!   [`FusedCrossEntropyBackend::fused_linear_cross_entropy_backward`];
+//!   gradients go to whichever of `hidden`, `weight`, `bias` is tracked;
 //! - `Mics<B>` gathers a sharded weight (the tied embedding) and a sharded
 //!   bias for the inner op, through `mics_backend::extension`; `Plain<B>` is
 //!   `B`;
@@ -69,7 +76,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn::tensor::{FloatDType, Int, Shape, Tensor, TensorPrimitive};
 
 mod autodiff;
 pub mod cpu;
@@ -184,6 +191,143 @@ pub trait FusedCrossEntropyBackend: Backend {
             chunk_tokens,
             grad_output,
         )
+    }
+
+    /// Whether [`fused_linear_cross_entropy_with_grads`](Self::fused_linear_cross_entropy_with_grads)
+    /// is this backend's faster way to train on inputs of `dtype`: then
+    /// `Autodiff<B>` computes the gradients with the loss, one `[T, H] x
+    /// [H, V]` product fewer than the forward pass and a backward that
+    /// recomputes the logits (4 for 3 per step), and keeps no inputs.
+    ///
+    /// Only where gradients at an upstream gradient of 1 lose nothing when
+    /// multiplied by the real one afterwards: `f32` (`NdArray`'s host path).
+    /// In `f16` the unscaled gradients would underflow before the loss scale
+    /// could save them, so the default is `false`.
+    fn fused_grads_with_loss(dtype: FloatDType) -> bool {
+        let _ = dtype;
+        false
+    }
+
+    /// The loss and the gradients named in `wanted`, at an upstream
+    /// gradient of 1. The default runs
+    /// [`fused_linear_cross_entropy`](Self::fused_linear_cross_entropy) and
+    /// then [`fused_linear_cross_entropy_backward`](Self::fused_linear_cross_entropy_backward);
+    /// a backend for which [`fused_grads_with_loss`](Self::fused_grads_with_loss)
+    /// holds computes them in one pass.
+    fn fused_linear_cross_entropy_with_grads(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        targets: IntTensor<Self>,
+        token_weights: Option<FloatTensor<Self>>,
+        chunk_tokens: usize,
+        wanted: WantedGrads,
+    ) -> LossAndGrads<Self> {
+        forward_then_backward::<Self>(
+            hidden,
+            weight,
+            bias,
+            targets,
+            token_weights,
+            chunk_tokens,
+            wanted,
+        )
+    }
+}
+
+/// The loss by `B`'s forward pass, then the wanted gradients by its
+/// backward pass at an upstream gradient of 1: the default
+/// [`FusedCrossEntropyBackend::fused_linear_cross_entropy_with_grads`].
+fn forward_then_backward<B: FusedCrossEntropyBackend>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: Option<FloatTensor<B>>,
+    targets: IntTensor<B>,
+    token_weights: Option<FloatTensor<B>>,
+    chunk_tokens: usize,
+    wanted: WantedGrads,
+) -> LossAndGrads<B> {
+    let loss = B::fused_linear_cross_entropy(
+        hidden.clone(),
+        weight.clone(),
+        bias.clone(),
+        targets.clone(),
+        token_weights.clone(),
+        chunk_tokens,
+    );
+    let has_bias = bias.is_some();
+    let device = B::float_device(&hidden);
+    let one = B::float_ones(Shape::new([1]), &device, FloatDType::F32);
+    let (gh, gw, gb) = B::fused_linear_cross_entropy_backward(
+        hidden,
+        weight,
+        bias,
+        targets,
+        token_weights,
+        chunk_tokens,
+        one,
+    );
+    LossAndGrads {
+        loss,
+        hidden: wanted.hidden.then_some(gh),
+        weight: wanted.weight.then_some(gw),
+        bias: (wanted.bias && has_bias).then_some(gb).flatten(),
+    }
+}
+
+/// Which gradients [`FusedCrossEntropyBackend::fused_linear_cross_entropy_with_grads`]
+/// computes: those of the tracked inputs (`bias` only counts when there is
+/// one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WantedGrads {
+    /// `d hidden`, `[T, H]`.
+    pub hidden: bool,
+    /// `d weight`, `[V, H]`.
+    pub weight: bool,
+    /// `d bias`, `[V]`.
+    pub bias: bool,
+}
+
+impl WantedGrads {
+    /// Every gradient.
+    pub const ALL: WantedGrads = WantedGrads {
+        hidden: true,
+        weight: true,
+        bias: true,
+    };
+
+    /// Whether any gradient is wanted.
+    pub fn any(&self) -> bool {
+        self.hidden || self.weight || self.bias
+    }
+}
+
+/// The loss and the wanted gradients at an upstream gradient of 1, from
+/// [`FusedCrossEntropyBackend::fused_linear_cross_entropy_with_grads`]; a
+/// gradient is `Some` exactly when it was wanted (and, for `bias`, there is
+/// a bias).
+#[derive(Debug)]
+pub struct LossAndGrads<B: Backend> {
+    /// The loss, a 1-element `f32` tensor.
+    pub loss: FloatTensor<B>,
+    /// `d hidden`, `[T, H]`.
+    pub hidden: Option<FloatTensor<B>>,
+    /// `d weight`, `[V, H]`.
+    pub weight: Option<FloatTensor<B>>,
+    /// `d bias`, `[V]`.
+    pub bias: Option<FloatTensor<B>>,
+}
+
+impl<B: Backend> LossAndGrads<B> {
+    /// The same loss and gradients with every primitive mapped by `f` (a
+    /// decorator backend wrapping its inner backend's tensors).
+    pub fn map<C: Backend>(self, f: impl Fn(FloatTensor<B>) -> FloatTensor<C>) -> LossAndGrads<C> {
+        LossAndGrads {
+            loss: f(self.loss),
+            hidden: self.hidden.map(&f),
+            weight: self.weight.map(&f),
+            bias: self.bias.map(&f),
+        }
     }
 }
 

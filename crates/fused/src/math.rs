@@ -141,6 +141,26 @@ multiversion! {
 }
 
 multiversion! {
+    fn exp_shifted_in_place_and_sum_impl(xs: &mut [f32], shift: f32) -> f32 {
+        // The lanes and order of `sum_exp_shifted_impl`: the same sum.
+        let mut acc = [0.0_f32; LANES];
+        let mut blocks = xs.chunks_exact_mut(LANES);
+        for block in &mut blocks {
+            for (a, x) in acc.iter_mut().zip(block) {
+                *x = exp(*x - shift);
+                *a += *x;
+            }
+        }
+        let mut tail = 0.0_f32;
+        for x in blocks.into_remainder() {
+            *x = exp(*x - shift);
+            tail += *x;
+        }
+        fold(acc) + tail
+    }
+}
+
+multiversion! {
     fn exp_shifted_in_place_impl(xs: &mut [f32], shift: f32) {
         for x in xs.iter_mut() {
             *x = exp(*x - shift);
@@ -196,6 +216,12 @@ pub fn sum_exp_shifted(xs: &[f32], shift: f32) -> f32 {
 /// to calling [`exp`] on each element.
 pub fn exp_shifted_in_place(xs: &mut [f32], shift: f32) {
     exp_shifted_in_place_impl(xs, shift)
+}
+
+/// `xs[i] = exp(xs[i] - shift)` in place, returning their sum: equal to
+/// [`sum_exp_shifted`] bit for bit, in one pass.
+pub fn exp_shifted_in_place_and_sum(xs: &mut [f32], shift: f32) -> f32 {
+    exp_shifted_in_place_and_sum_impl(xs, shift)
 }
 
 /// `xs[i] *= factor`.

@@ -4,12 +4,18 @@
 //! does (through `mics_backend::extension`). The inputs are gathered in a
 //! fixed order (`hidden`, `weight`, `bias`, `token_weights`), the same on
 //! every rank of a partition group.
+//!
+//! Where `B` computes the gradients with the loss
+//! ([`FusedCrossEntropyBackend::fused_grads_with_loss`]), the head gathers
+//! the weight once per step instead of twice: the backward step needs no
+//! inputs.
 
+use burn::tensor::FloatDType;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use mics_backend::Mics;
 use mics_backend::extension::{from_inner, into_inner, release_gathered};
 
-use crate::FusedCrossEntropyBackend;
+use crate::{FusedCrossEntropyBackend, LossAndGrads, WantedGrads};
 
 impl<B: FusedCrossEntropyBackend> FusedCrossEntropyBackend for Mics<B> {
     fn fused_linear_cross_entropy(
@@ -69,5 +75,35 @@ impl<B: FusedCrossEntropyBackend> FusedCrossEntropyBackend for Mics<B> {
             from_inner(grad_weight),
             grad_bias.map(from_inner),
         )
+    }
+
+    fn fused_grads_with_loss(dtype: FloatDType) -> bool {
+        B::fused_grads_with_loss(dtype)
+    }
+
+    fn fused_linear_cross_entropy_with_grads(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        targets: IntTensor<Self>,
+        token_weights: Option<FloatTensor<Self>>,
+        chunk_tokens: usize,
+        wanted: WantedGrads,
+    ) -> LossAndGrads<Self> {
+        let hidden = into_inner(hidden);
+        let weight = into_inner(weight);
+        let bias = bias.map(into_inner);
+        let token_weights = token_weights.map(into_inner);
+        let out = B::fused_linear_cross_entropy_with_grads(
+            hidden,
+            weight,
+            bias,
+            targets,
+            token_weights,
+            chunk_tokens,
+            wanted,
+        );
+        release_gathered();
+        out.map(from_inner)
     }
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Output, Problem, bits};
-use mics_fused::cpu;
+use mics_fused::{WantedGrads, cpu};
 use ndarray::{ArrayView1, ArrayView2};
 
 fn run(p: &Problem, chunk: usize) -> Output {
@@ -59,4 +59,56 @@ fn bit_identical_with_bias() {
     // The bias is really used: its gradient is not zero.
     let out = run(&p, 64);
     assert!(out.grad_bias.unwrap().iter().any(|&x| x != 0.0));
+}
+
+/// The one-pass loss and gradients (what `Autodiff<NdArray>` trains with)
+/// are the forward pass's loss and the backward pass's gradients at an
+/// upstream gradient of 1, bit for bit, for every subset of wanted
+/// gradients; an unwanted gradient is not computed.
+#[test]
+fn gradients_with_the_loss_equal_forward_then_backward() {
+    for (seed, with_bias, chunk) in [(44, false, 64), (45, true, 7), (46, true, 300)] {
+        let mut p = Problem::random(seed, 130, 24, 2049, 0.2, true, 4.0);
+        if with_bias {
+            p = p.with_bias(seed, 4.0);
+        }
+        let hidden = ArrayView2::from_shape((p.t, p.h), &p.hidden).unwrap();
+        let weight = ArrayView2::from_shape((p.v, p.h), &p.weight).unwrap();
+        let bias = p.bias.as_deref().map(ArrayView1::from);
+        let weights = p.weights.as_deref().map(ArrayView1::from);
+        let loss = cpu::forward(hidden, weight, bias, &p.targets, weights, chunk);
+        let (gh, gw, gb) = cpu::backward(hidden, weight, bias, &p.targets, weights, chunk, 1.0);
+        for mask in 0..8_u32 {
+            let wanted = WantedGrads {
+                hidden: mask & 1 != 0,
+                weight: mask & 2 != 0,
+                bias: mask & 4 != 0,
+            };
+            let (l, h, w, b) =
+                cpu::forward_with_grads(hidden, weight, bias, &p.targets, weights, chunk, wanted);
+            let case = format!("seed {seed}, {wanted:?}");
+            assert_eq!(l.to_bits(), loss.to_bits(), "{case}: loss");
+            assert_eq!(h.is_some(), wanted.hidden, "{case}");
+            assert_eq!(w.is_some(), wanted.weight, "{case}");
+            assert_eq!(b.is_some(), wanted.bias && with_bias, "{case}");
+            if let Some(h) = h {
+                assert!(
+                    bits(h.as_slice().unwrap()) == bits(gh.as_slice().unwrap()),
+                    "{case}"
+                );
+            }
+            if let Some(w) = w {
+                assert!(
+                    bits(w.as_slice().unwrap()) == bits(gw.as_slice().unwrap()),
+                    "{case}"
+                );
+            }
+            if let (Some(b), Some(gb)) = (b, &gb) {
+                assert!(
+                    bits(b.as_slice().unwrap()) == bits(gb.as_slice().unwrap()),
+                    "{case}"
+                );
+            }
+        }
+    }
 }

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use common::{Cpu, Output, Problem, rel_err, unfused, values};
 use mics_fused::{
     CrossEntropyOptions, FusedCrossEntropyBackend, IGNORE_INDEX, cpu, generic, linear_cross_entropy,
@@ -80,10 +80,19 @@ fn fused_autodiff<A: AutodiffBackend + FusedCrossEntropyBackend>(
     p: &Problem,
     chunk: usize,
 ) -> Output {
+    fused_autodiff_in::<A>(p, chunk, DType::F32)
+}
+
+/// [`fused_autodiff`] with the inputs in `dtype`.
+fn fused_autodiff_in<A: AutodiffBackend + FusedCrossEntropyBackend>(
+    p: &Problem,
+    chunk: usize,
+    dtype: DType,
+) -> Output {
     let device = Default::default();
-    let hidden = p.hidden::<A>(&device).require_grad();
-    let weight = p.weight::<A>(&device).require_grad();
-    let bias = p.bias::<A>(&device).map(|b| b.require_grad());
+    let hidden = p.hidden::<A>(&device).cast(dtype).require_grad();
+    let weight = p.weight::<A>(&device).cast(dtype).require_grad();
+    let bias = p.bias::<A>(&device).map(|b| b.cast(dtype).require_grad());
     let options = CrossEntropyOptions::default().with_chunk_tokens(chunk);
     let loss = linear_cross_entropy(
         hidden.clone(),
@@ -181,6 +190,14 @@ fn fused_matches_unfused() {
             check(
                 &format!("autodiff {case}"),
                 &fused_autodiff::<Ref>(&p, chunk),
+                &want,
+                1.0,
+            );
+            // In f64 `fused_grads_with_loss` is false: the autodiff op keeps
+            // its inputs and its backward step recomputes the logits.
+            check(
+                &format!("autodiff-recompute {case}"),
+                &fused_autodiff_in::<Ref>(&p, chunk, DType::F64),
                 &want,
                 1.0,
             );
