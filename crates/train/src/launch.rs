@@ -308,10 +308,18 @@ fn threads(config: &TrainConfig, resume: Option<&Path>) -> Result<RunOutcome, Tr
         .timeout(Duration::from_secs(p.timeout_s))
         .latency(Duration::from_micros(p.latency_us));
     let watchdog = Watchdog::start(p.world, p.failure_timeout_s);
+    // Ranks sharing the cores compute in pools of their share (crate::cores).
+    let pools: Vec<_> = (0..p.world)
+        .map(|_| crate::cores::rank_pool(config))
+        .collect();
     let results = engine.run(|comm| {
         let rank = comm.rank();
         let beat = watchdog.beat(rank);
-        let result = catch_rank(rank, || run_rank(Arc::new(comm), &ctx, beat.clone()));
+        let body = || run_rank(Arc::new(comm), &ctx, beat.clone());
+        let result = catch_rank(rank, || match &pools[rank] {
+            Some(pool) => pool.install(body),
+            None => body(),
+        });
         beat.finish();
         result
     })?;

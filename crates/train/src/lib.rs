@@ -107,6 +107,7 @@
 
 mod checkpoint;
 mod config;
+pub mod cores;
 mod device;
 mod eval;
 mod export;

@@ -193,7 +193,8 @@ where
             optim,
             data,
             task,
-            head: CrossEntropyOptions::default(),
+            head: CrossEntropyOptions::default()
+                .with_chunk_tokens(crate::memory::head_chunk_tokens(ctx.config.train.device)),
             tokens_seen,
             beat,
             stop: None,

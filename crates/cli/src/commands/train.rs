@@ -30,6 +30,9 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let mut config = TrainConfig::load(&args.config)?;
     config.apply(&args.overrides);
+    // SAFETY: `mics` has started no thread yet (`main` parsed the flags, this
+    // read the config).
+    unsafe { mics_train::cores::share_cores(&config) };
     mics_train::install_stop_handlers()?;
     let summary = match train(&config, args.resume.as_deref()).context("training failed")? {
         RunOutcome::Leader(summary) => summary,
