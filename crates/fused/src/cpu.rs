@@ -2,8 +2,8 @@
 //!
 //! Per chunk of counted tokens (tokens whose target is [`IGNORE_INDEX`] or
 //! whose weight is 0 are skipped, not masked): the chunk's hidden rows are
-//! copied into a contiguous buffer, one GEMM (`matrixmultiply`'s `sgemm`
-//! through `ndarray`, as NdArray's matmul) writes the `[chunk, V]` logits,
+//! copied into a contiguous buffer, one GEMM (the `gemm` crate, [`sgemm`],
+//! on the current Rayon pool) writes the `[chunk, V]` logits,
 //! the bias (if any) is added to each row, and each row's maximum,
 //! `sum exp(x - max)` and target logit give the loss ([`math`]'s vectorised
 //! `exp`, rows in parallel). The backward pass recomputes the logits, turns
@@ -12,7 +12,7 @@
 //! the rows are added into `d bias`. The buffers are allocated once per call
 //! (plus a copy of the bias when it is not contiguous).
 //!
-//! Deterministic: `matrixmultiply` splits the output among its threads (each
+//! Deterministic: `gemm` splits the output among its threads (each
 //! element is summed in the same order whatever the thread count), each row
 //! is processed by one thread with lane-wise reductions ([`math`]), the
 //! per-token losses are summed in token order, and each element of `d bias`
@@ -28,11 +28,12 @@ use burn::tensor::{FloatDType, Int, Tensor, TensorPrimitive};
 use burn_ndarray::{
     FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray,
 };
-use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Ix1, Ix2};
 use rayon::prelude::*;
 
-use crate::{FusedCrossEntropyBackend, IGNORE_INDEX, LossAndGrads, WantedGrads, generic, math};
+use crate::{
+    FusedCrossEntropyBackend, IGNORE_INDEX, LossAndGrads, WantedGrads, generic, math, sgemm,
+};
 
 /// A counted token: its row, its target and its weight.
 #[derive(Debug, Clone, Copy)]
@@ -143,7 +144,7 @@ fn add_rows(g: &[f32], out: &mut [f32]) {
 fn chunk_logits(hrows: &ArrayView2<'_, f32>, weight: &ArrayView2<'_, f32>, out: &mut [f32]) {
     let (n, v) = (hrows.nrows(), weight.nrows());
     let mut logits = ArrayViewMut2::from_shape((n, v), &mut out[..n * v]).expect("chunk buffer");
-    general_mat_mul(1.0, hrows, &weight.t(), 0.0, &mut logits);
+    sgemm::matmul_into(hrows, &weight.t(), &mut logits, false);
 }
 
 /// What [`pass`] returns: the loss and the gradients it was asked for.
@@ -233,14 +234,13 @@ fn pass(
         let g = ArrayView2::from_shape((n, v), &logits[..n * v]).expect("chunk buffer");
         if let (Some(grad_hidden), Some(dh)) = (&mut out.hidden, &mut dh) {
             let mut dh = dh.slice_mut(ndarray::s![..n, ..]);
-            general_mat_mul(1.0, &g, &weight, 0.0, &mut dh);
+            sgemm::matmul_into(&g, &weight, &mut dh, false);
             for (token, row) in block.iter().zip(dh.rows()) {
                 grad_hidden.row_mut(token.row).assign(&row);
             }
         }
         if let Some(grad_weight) = &mut out.weight {
-            let beta = if i == 0 { 0.0 } else { 1.0 };
-            general_mat_mul(1.0, &g.t(), &hrows, beta, grad_weight);
+            sgemm::matmul_into(&g.t(), &hrows, &mut grad_weight.view_mut(), i > 0);
         }
         if let Some(gb) = &mut out.bias {
             add_rows(&logits[..n * v], gb.as_slice_mut().expect("contiguous"));

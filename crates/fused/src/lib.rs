@@ -86,6 +86,7 @@ pub mod generic;
 pub mod math;
 mod mics;
 mod plain;
+mod sgemm;
 
 /// The target id of a token that does not count (PyTorch's `ignore_index`
 /// default, also what `mics-datasets` writes): it adds nothing to the loss

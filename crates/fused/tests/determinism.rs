@@ -112,3 +112,22 @@ fn gradients_with_the_loss_equal_forward_then_backward() {
         }
     }
 }
+
+/// The same bits whatever the number of threads: the GEMMs and the rows
+/// run on the current Rayon pool, and ranks that share the cores run in
+/// pools of 1 or a few threads (`mics_train::cores`).
+#[test]
+fn bit_identical_whatever_the_thread_count() {
+    let p = Problem::random(47, 300, 64, 5003, 0.1, true, 4.0).with_bias(47, 4.0);
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| run(&p, 64))
+    };
+    let one = on(1);
+    for threads in [2, 3, 4] {
+        assert_identical(&one, &on(threads));
+    }
+}
