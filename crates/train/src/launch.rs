@@ -315,11 +315,12 @@ fn threads(config: &TrainConfig, resume: Option<&Path>) -> Result<RunOutcome, Tr
     let results = engine.run(|comm| {
         let rank = comm.rank();
         let beat = watchdog.beat(rank);
-        let body = || run_rank(Arc::new(comm), &ctx, beat.clone());
-        let result = catch_rank(rank, || match &pools[rank] {
+        // Caught on the thread that runs it: the quiet panic hook is per thread.
+        let body = || catch_rank(rank, || run_rank(Arc::new(comm), &ctx, beat.clone()));
+        let result = match &pools[rank] {
             Some(pool) => pool.install(body),
             None => body(),
-        });
+        };
         beat.finish();
         result
     })?;
