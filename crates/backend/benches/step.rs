@@ -4,7 +4,10 @@
 //!     collective: prefetch vs on-demand gathers vs no communication at all.
 //!
 //! `cargo bench -p mics-backend --bench step` (env `MICS_BENCH_STEPS`,
-//! `MICS_BENCH_LATENCY_US` to change the defaults).
+//! `MICS_BENCH_LATENCY_US` to change the defaults). The ranks of (b) share
+//! the cores as `mics train`'s do (each in a Rayon pool of its share,
+//! `MATMUL_NUM_THREADS` set); `MICS_BENCH_OVERSUBSCRIBE=1` puts every rank
+//! on every core instead.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -184,7 +187,32 @@ fn best(f: impl Fn() -> Duration) -> Duration {
         .unwrap()
 }
 
+/// Runs `f` as a rank that shares the machine's cores with `ranks` ranks, as
+/// `mics train` runs them (`mics_train::cores`): in a Rayon pool of its
+/// share; `MATMUL_NUM_THREADS` was set at the start.
+fn as_rank<R: Send>(ranks: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(share(ranks))
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+/// Threads per rank for `ranks` ranks on this machine's cores.
+fn share(ranks: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (cores / ranks).max(1)
+}
+
 fn main() {
+    // The ranks of (b) share the cores as `mics train`'s do: NdArray's
+    // matmul (matrixmultiply reads this once) on their share of them.
+    // MICS_BENCH_OVERSUBSCRIBE=1 leaves every rank on every core.
+    let oversubscribe = std::env::var_os("MICS_BENCH_OVERSUBSCRIBE").is_some();
+    if !oversubscribe && std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+        // SAFETY: no other thread runs yet.
+        unsafe { std::env::set_var("MATMUL_NUM_THREADS", share(4).to_string()) };
+    }
     let steps = env("MICS_BENCH_STEPS", 8) as usize;
     let latency = Duration::from_micros(env("MICS_BENCH_LATENCY_US", 500));
     let none = PrefetchConfig::disabled();
@@ -203,10 +231,13 @@ fn main() {
     );
 
     let n = 4;
+    let run = |f: &(dyn Fn() -> Duration + Sync)| {
+        if oversubscribe { f() } else { as_rank(n, f) }
+    };
     let no_comm = best(|| {
         slowest(
             ThreadsEngine::new(n)
-                .run(|c| plain_steps(c.rank(), steps))
+                .run(|c| run(&|| plain_steps(c.rank(), steps)))
                 .unwrap(),
         )
     });
@@ -214,7 +245,10 @@ fn main() {
     let on_demand = best(|| {
         slowest(
             engine
-                .run(|c| mics_steps(Arc::new(c), n, n, none, steps))
+                .run(|c| {
+                    let c: Arc<dyn Communicator> = Arc::new(c);
+                    run(&|| mics_steps(c.clone(), n, n, none, steps))
+                })
                 .unwrap(),
         )
     });
@@ -222,7 +256,10 @@ fn main() {
     let prefetched = best(|| {
         slowest(
             engine
-                .run(|c| mics_steps(Arc::new(c), n, n, ahead, steps))
+                .run(|c| {
+                    let c: Arc<dyn Communicator> = Arc::new(c);
+                    run(&|| mics_steps(c.clone(), n, n, ahead, steps))
+                })
                 .unwrap(),
         )
     });
