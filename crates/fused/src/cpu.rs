@@ -2,7 +2,7 @@
 //!
 //! Per chunk of counted tokens (tokens whose target is [`IGNORE_INDEX`] or
 //! whose weight is 0 are skipped, not masked): the chunk's hidden rows are
-//! copied into a contiguous buffer, one GEMM (the `gemm` crate, [`sgemm`],
+//! copied into a contiguous buffer, one GEMM (the `gemm` crate, `sgemm.rs`,
 //! on the current Rayon pool) writes the `[chunk, V]` logits,
 //! the bias (if any) is added to each row, and each row's maximum,
 //! `sum exp(x - max)` and target logit give the loss ([`math`]'s vectorised

@@ -9,7 +9,7 @@
 //! Each rank gets `cores / ranks` threads instead:
 //!
 //! - the threads engine runs each rank inside a Rayon pool of its own
-//!   ([`rank_pool`]);
+//!   (`rank_pool`);
 //! - `matrixmultiply` reads its thread count once, from `MATMUL_NUM_THREADS`,
 //!   so `mics train` sets that variable before any thread starts
 //!   ([`share_cores`]), and `RAYON_NUM_THREADS` for MPI ranks, which are
