@@ -151,6 +151,7 @@ mod backend;
 mod early;
 pub mod extension;
 mod gather;
+mod host_adamw;
 mod ops;
 mod optim;
 mod precision;

@@ -63,6 +63,9 @@ pub struct ShardedOptimizer<B: Backend, O: SimpleOptimizer<B>> {
     /// Rebuilds a checkpointed optimizer state with f32 tensors (see
     /// [`ShardedOptimizer::with_state_loader`]).
     pub(crate) state_loader: Option<crate::state::StateLoader<B, O>>,
+    /// AdamW's hyper-parameters for the one-pass host step on NdArray
+    /// (set by [`ShardedOptimizer::adamw`]).
+    host_adamw: Option<crate::host_adamw::HostAdamW>,
 }
 
 /// Loss scaling, for training whose gradients travel in f16
@@ -135,7 +138,10 @@ impl<B: Backend> ShardedOptimizer<B, AdamW> {
     /// AdamW with Burn's update rule, on shards. Gradient clipping set on
     /// `config` is ignored: use [`ShardedOptimizer::with_grad_clip_norm`].
     pub fn adamw(config: &AdamWConfig, runtime: &Arc<MicsRuntime>) -> Self {
-        Self::new(config.build(), runtime).with_state_loader(crate::state::adamw_state::<B>)
+        let mut optim =
+            Self::new(config.build(), runtime).with_state_loader(crate::state::adamw_state::<B>);
+        optim.host_adamw = crate::host_adamw::HostAdamW::from_config(config);
+        optim
     }
 }
 
@@ -167,6 +173,7 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
             skipped_steps: 0,
             last_step_skipped: false,
             state_loader: None,
+            host_adamw: None,
         }
     }
 
@@ -424,7 +431,24 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
         }
         let mut updated = HashMap::new();
         for ((id, sharded), grad) in stepped.into_iter().zip(grads) {
-            let shard = sharded.param.shard.clone();
+            let mut shard = sharded.param.shard.clone();
+            let state = self.states.remove(&id);
+            let state = match &self.host_adamw {
+                Some(h) => {
+                    match crate::host_adamw::step::<B, O::State<1>>(h, lr, shard, &grad, state) {
+                        Ok((stepped, state)) => {
+                            self.states.insert(id, state);
+                            updated.insert(id, sharded_value(id, stepped, &sharded));
+                            continue;
+                        }
+                        Err((back, state)) => {
+                            shard = back;
+                            state
+                        }
+                    }
+                }
+                None => state,
+            };
             let device = B::float_device(&shard);
             let len = grad.len();
             let tensor = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(shard));
@@ -437,7 +461,6 @@ impl<B: Backend, O: SimpleOptimizer<B>> ShardedOptimizer<B, O> {
                 &device,
             );
             let grad = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(grad));
-            let state = self.states.remove(&id);
             let (tensor, state) = self.optim.step(lr, tensor, grad, state);
             if let Some(state) = state {
                 self.states.insert(id, state);
