@@ -63,6 +63,82 @@ fn primitive<P: 'static>(values: Vec<f32>) -> Option<P> {
     t.downcast::<P>().ok().map(|b| *b)
 }
 
+/// Burn's AdamW arithmetic on one block of elements.
+#[derive(Clone, Copy)]
+struct Kernel {
+    b1: f32,
+    b2: f32,
+    f1: f32,
+    f2: f32,
+    c1: f32,
+    c2: f32,
+    eps: f32,
+    lr: f32,
+}
+
+impl Kernel {
+    /// A step with moments: `moments(j)` gives element `j`'s, `decay` the
+    /// decayed parameter.
+    #[inline(always)]
+    // Five slices in lockstep: an index reads clearest.
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    fn run(
+        self,
+        g: &[f32],
+        p: &[f32],
+        out_p: &mut [f32],
+        out_m1: &mut [f32],
+        out_m2: &mut [f32],
+        moments: impl Fn(usize) -> (f32, f32),
+        decay: impl Fn(f32) -> f32,
+    ) {
+        for j in 0..out_p.len() {
+            let (m1, m2) = moments(j);
+            let a = m1 * self.b1 + g[j] * self.f1;
+            let b = m2 * self.b2 + (g[j] * g[j]) * self.f2;
+            self.finish(j, a, b, p, out_p, out_m1, out_m2, &decay);
+        }
+    }
+
+    /// The first step: the moments start from the gradient.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    fn first(
+        self,
+        g: &[f32],
+        p: &[f32],
+        out_p: &mut [f32],
+        out_m1: &mut [f32],
+        out_m2: &mut [f32],
+        decay: impl Fn(f32) -> f32,
+    ) {
+        for j in 0..out_p.len() {
+            let a = g[j] * self.f1;
+            let b = (g[j] * g[j]) * self.f2;
+            self.finish(j, a, b, p, out_p, out_m1, out_m2, &decay);
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        self,
+        j: usize,
+        a: f32,
+        b: f32,
+        p: &[f32],
+        out_p: &mut [f32],
+        out_m1: &mut [f32],
+        out_m2: &mut [f32],
+        decay: &impl Fn(f32) -> f32,
+    ) {
+        let delta = (a / self.c1) / ((b / self.c2).sqrt() + self.eps);
+        out_p[j] = decay(p[j]) - delta * self.lr;
+        out_m1[j] = a;
+        out_m2[j] = b;
+    }
+}
+
 /// Elements per Rayon task.
 const BLOCK: usize = 1 << 14;
 
@@ -130,21 +206,35 @@ pub(crate) fn step<B: Backend, S: 'static>(
         .enumerate()
         .for_each(|(i, ((out_p, out_m1), out_m2))| {
             let at = i * BLOCK;
-            for j in 0..out_p.len() {
-                let k = at + j;
-                let g = grad[k];
-                let (a, b) = match (m1, m2) {
-                    (Some(m1), Some(m2)) => (m1[k] * b1 + g * f1, m2[k] * b2 + (g * g) * f2),
-                    _ => (g * f1, (g * g) * f2),
-                };
-                let delta = (a / c1) / ((b / c2).sqrt() + eps);
-                let decayed = match keep {
-                    Some(keep) => p[k] * keep,
-                    None => p[k],
-                };
-                out_p[j] = decayed - delta * lr;
-                out_m1[j] = a;
-                out_m2[j] = b;
+            let end = at + out_p.len();
+            let (g, p) = (&grad[at..end], &p[at..end]);
+            let moments = m1.zip(m2).map(|(m1, m2)| (&m1[at..end], &m2[at..end]));
+            let k = Kernel {
+                b1,
+                b2,
+                f1,
+                f2,
+                c1,
+                c2,
+                eps,
+                lr,
+            };
+            // One loop per case, branch-free inside (it vectorises).
+            match (moments, keep) {
+                (Some((m1, m2)), Some(keep)) => k.run(
+                    g,
+                    p,
+                    out_p,
+                    out_m1,
+                    out_m2,
+                    |j| (m1[j], m2[j]),
+                    |x| x * keep,
+                ),
+                (Some((m1, m2)), None) => {
+                    k.run(g, p, out_p, out_m1, out_m2, |j| (m1[j], m2[j]), |x| x)
+                }
+                (None, Some(keep)) => k.first(g, p, out_p, out_m1, out_m2, |x| x * keep),
+                (None, None) => k.first(g, p, out_p, out_m1, out_m2, |x| x),
             }
         });
     let moment = |values: Vec<f32>| {
