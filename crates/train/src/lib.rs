@@ -158,7 +158,9 @@ pub enum RunOutcome {
         /// The rank this process ran.
         rank: usize,
     },
-    /// Every rank stopped on SIGINT or SIGTERM after the same step.
+    /// Every rank stopped on SIGINT or SIGTERM after the same step. Rank 0
+    /// printed one line to stderr (the signal, the step, the checkpoint and
+    /// how to resume) before any rank returned.
     Stopped {
         /// The signal ([`SIGINT`], [`SIGTERM`]).
         signal: i32,

@@ -1,7 +1,7 @@
 //! One rank's training: set-up, the training step, checkpoints, and the
 //! loop that strings them together.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -381,6 +381,21 @@ fn mix(seed: u64, step: u64, rank: u64) -> u64 {
     )
 }
 
+/// The one line a stopped run prints (rank 0).
+fn stop_line(ctx: &RunContext, signal: i32, step: u64, checkpoint: Option<&Path>) -> String {
+    let name = crate::signals::signal_name(signal);
+    match checkpoint {
+        Some(dir) => format!(
+            "stopped by {name} after step {step}: checkpoint {} (continue with --resume {})",
+            dir.display(),
+            ctx.config.output.dir.display()
+        ),
+        None => format!(
+            "stopped by {name} after step {step} without a checkpoint (--no-checkpoint-on-signal)"
+        ),
+    }
+}
+
 /// How one rank's run ended.
 pub(crate) enum RankEnd {
     /// It trained to `train.steps`; rank 0 has the summary.
@@ -420,6 +435,12 @@ where
             } else {
                 None
             };
+            // Rank 0 reports before any rank leaves: under mpirun the first
+            // rank to exit ends the job, which could cut rank 0 off.
+            if trainer.comm.rank() == 0 {
+                eprintln!("{}", stop_line(ctx, signal, done, checkpoint.as_deref()));
+            }
+            trainer.comm.barrier().wait()?;
             return Ok(RankEnd::Stopped {
                 signal,
                 step: done,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::io::Write;
 
 use anyhow::Context;
-use mics_train::{Overrides, RunOutcome, TrainConfig, signal_name, train};
+use mics_train::{Overrides, RunOutcome, TrainConfig, train};
 
 /// Arguments of `mics train`; every flag overrides the config file's value.
 #[derive(clap::Args)]
@@ -38,27 +38,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         RunOutcome::Leader(summary) => summary,
         // An MPI rank other than 0: it trained; rank 0 reports.
         RunOutcome::Follower { .. } => return Ok(()),
-        RunOutcome::Stopped {
-            signal,
-            step,
-            checkpoint,
-            leader,
-        } => {
-            if leader {
-                match checkpoint {
-                    Some(dir) => eprintln!(
-                        "stopped by {} after step {step}: checkpoint {} (continue with --resume {})",
-                        signal_name(signal),
-                        dir.display(),
-                        config.output.dir.display()
-                    ),
-                    None => eprintln!(
-                        "stopped by {} after step {step} without a checkpoint \
-                         (--no-checkpoint-on-signal)",
-                        signal_name(signal)
-                    ),
-                }
-            }
+        // Rank 0 printed the line before the ranks left (mics-train's
+        // `stop_line`), so a launcher that ends the job at a rank's exit
+        // cannot cut it off.
+        RunOutcome::Stopped { signal, .. } => {
             std::process::exit(128 + signal);
         }
     };
