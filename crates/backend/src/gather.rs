@@ -133,10 +133,7 @@ pub(crate) fn primitive_to_vec<B: Backend>(t: B::FloatTensorPrimitive) -> Vec<f3
     // parameter's shard always has: the parameter) element by element
     // through a dynamic-rank iterator, at a few ns per element: 15% of a
     // training step at N = 2. A contiguous f32 array is copied as a slice.
-    if let Some(burn_ndarray::NdArrayTensor::F32(storage)) =
-        (&t as &dyn std::any::Any).downcast_ref::<burn_ndarray::NdArrayTensor>()
-        && let Some(values) = storage.view().as_slice()
-    {
+    if let Some(values) = crate::host_adamw::host_values(&t) {
         return values.to_vec();
     }
     let data = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t)).into_data();

@@ -47,8 +47,9 @@ impl HostAdamW {
     }
 }
 
-/// The f32 values of an NdArray tensor, if `t` is one.
-fn host_values<P: 'static>(t: &P) -> Option<&[f32]> {
+/// The f32 values of a contiguous NdArray tensor, if `t` is one (also the
+/// slice copy of `gather::primitive_to_vec`).
+pub(crate) fn host_values<P: 'static>(t: &P) -> Option<&[f32]> {
     match (t as &dyn Any).downcast_ref::<NdArrayTensor>()? {
         NdArrayTensor::F32(storage) => storage.view().to_slice(),
         _ => None,
